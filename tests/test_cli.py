@@ -1,0 +1,150 @@
+"""The command line as a user meets it: help, validation, errors, train -> evaluate."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from uda_cli.cli.app import main
+
+
+def run(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def test_help_is_fast_and_does_not_import_torch():
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", "import sys; from uda_cli.cli.app import main; "
+                        "sys.argv=['uda','--help']\ntry: main()\nexcept SystemExit: pass\n"
+                        "assert 'torch' not in sys.modules, 'torch imported by --help'"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert time.perf_counter() - t < 3.0  # generous for CI; ~0.2 s here
+    for cmd in ("download", "train", "adapt-images", "evaluate", "tsne"):
+        assert cmd in r.stdout
+
+
+def test_every_problem_gets_one_line_and_exit_2(capsys):
+    code, out, err = run(["train", "--method", "source-only", "--src", "mnist2000", "--tgt", "usps18",
+                          "--steps", "0", "--device", "gpu", "--set", "foo=1", "--set", "lr=-1"], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert any(l.startswith("error: --tgt: unknown domain 'usps18'") for l in lines)
+    assert any(l.startswith("error: --steps:") for l in lines)
+    assert any(l.startswith("error: --device:") for l in lines)
+    assert any(l.startswith("error: --set foo: unknown hyperparameter") for l in lines)
+    assert any(l.startswith("error: --set lr:") for l in lines)
+    assert "Traceback" not in err
+
+
+def test_method_typo_lists_known_methods(capsys):
+    code, _, err = run(["train", "--method", "sorce-only", "--src", "mnist2000", "--tgt", "usps1800"], capsys)
+    assert code == 2 and "did you mean 'source-only'" in err and "known methods:" in err
+
+
+def test_missing_required_option(capsys):
+    code, _, err = run(["train", "--src", "mnist2000", "--tgt", "usps1800"], capsys)
+    assert code == 2 and "--method: Field required" in err
+
+
+def test_bad_integer_is_one_line(capsys):
+    code, _, err = run(["train", "--steps", "abc"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--steps" in err
+
+
+def test_not_built_commands_say_so(capsys):
+    for cmd in ("adapt-images", "tsne"):
+        code, _, err = run([cmd], capsys)
+        assert code != 0 and "not built yet" in err and len(err.strip().splitlines()) == 1
+
+
+def test_config_file_and_flags_override(tmp_path, capsys):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('method = "source-only"\nsrc = "tiny-src"\ntgt = "tiny-tgt"\nsteps = 3\nbatch-size = 4\n'
+                   f'out = "{tmp_path / "from-file"}"\ndevice = "cpu"\n[params]\nlr = 0.001\n')
+    code, out, err = run(["train", "--config", str(cfg), "--steps", "2", "--set", "lr=0.002",
+                          "--out", str(tmp_path / "run")], capsys)
+    assert code == 0, err
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["options"]["steps"] == 2 and saved["options"]["batch_size"] == 4
+    assert saved["config"]["lr"] == 0.002
+    assert not (tmp_path / "from-file").exists()
+    assert "target accuracy (tiny-tgt:test)" in out
+
+
+def test_config_file_unknown_field(tmp_path, capsys):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('method = "source-only"\nsrc = "tiny-src"\ntgt = "tiny-tgt"\nstepz = 3\n')
+    code, _, err = run(["train", "--config", str(cfg)], capsys)
+    assert code == 2 and "--stepz: unknown option" in err
+    code, _, err = run(["train", "--config", str(tmp_path / "nope.toml")], capsys)
+    assert code == 2 and "no file at" in err
+    (tmp_path / "broken.toml").write_text("method = \n")
+    code, _, err = run(["train", "--config", str(tmp_path / "broken.toml")], capsys)
+    assert code == 2 and "not valid TOML" in err
+
+
+def test_train_then_evaluate(tmp_path, capsys):
+    runs = tmp_path / "run"
+    code, out, err = run(["train", "--method", "source-only", "--src", "tiny-src", "--tgt", "tiny-tgt",
+                          "--steps", "4", "--batch-size", "8", "--out", str(runs), "--device", "cpu"], capsys)
+    assert code == 0, err
+    report = tmp_path / "r.json"
+    code, out, err = run(["evaluate", str(runs), "--domain", "tiny-src:test", "--json", str(report)], capsys)
+    assert code == 0, err
+    r = json.loads(report.read_text())
+    assert r["domain"] == "tiny-src:test" and r["num_samples"] == 64 and r["step"] == 4
+    assert len(r["confusion_matrix"]) == 10 and sum(map(sum, r["confusion_matrix"])) == 64
+    assert set(r["per_class_accuracy"]) == set("0123456789")
+    assert "confusion matrix" in out
+    # a checkpoint file works as well as a run folder, and the default domain is the run's target
+    ck = next((runs / "checkpoints").glob("step-*[0-9].safetensors"))
+    code, out, err = run(["evaluate", str(ck)], capsys)
+    assert code == 0 and "tiny-tgt:test" in out
+
+
+def test_evaluate_errors_are_one_line(tmp_path, capsys):
+    code, _, err = run(["evaluate", str(tmp_path / "nothing")], capsys)
+    assert code == 2 and "does not exist" in err
+    (tmp_path / "empty").mkdir()
+    code, _, err = run(["evaluate", str(tmp_path / "empty")], capsys)
+    assert code == 1 and "no checkpoint" in err and len(err.strip().splitlines()) == 1
+    bad = tmp_path / "x.safetensors"
+    bad.write_bytes(b"\x00" * 10)
+    code, _, err = run(["evaluate", str(bad)], capsys)
+    assert code == 1 and "truncated" in err
+
+
+def test_missing_dataset_says_how_to_get_it(tmp_path, capsys):
+    code, _, err = run(["train", "--method", "source-only", "--src", "mnist", "--tgt", "usps1800",
+                        "--data-root", str(tmp_path), "--out", str(tmp_path / "r"), "--device", "cpu"], capsys)
+    assert code == 1 and "uda download mnist" in err and str(tmp_path) in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_debug_shows_traceback(tmp_path):
+    env = {**os.environ, "UDA_DEBUG": "1"}
+    r = subprocess.run([sys.executable, "-m", "uda_cli", "evaluate", str(tmp_path / "none")], capture_output=True,
+                       text=True, env=env)
+    assert r.returncode != 0 and "Traceback" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "uda_cli", "evaluate", str(tmp_path / "none")], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_existing_run_needs_resume(tmp_path, capsys):
+    args = ["train", "--method", "source-only", "--src", "tiny-src", "--tgt", "tiny-tgt", "--steps", "2",
+            "--batch-size", "4", "--out", str(tmp_path / "r"), "--device", "cpu"]
+    assert run(args, capsys)[0] == 0
+    code, _, err = run(args, capsys)
+    assert code == 2 and "--resume auto" in err
+    code, out, err = run(args + ["--resume", "auto", "--steps", "4"], capsys)
+    assert code == 0, err

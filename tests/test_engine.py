@@ -1,0 +1,152 @@
+"""The training core: a real (tiny) run, checkpoints, exact resume, interruption."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from uda_cli.config import TrainOptions
+from uda_cli.engine import checkpoint as ckpt
+from uda_cli.engine.trainer import load_method, train
+from uda_cli.errors import CheckpointError, ConfigError
+
+
+def opts(tmp_path, **kw):
+    base = dict(method="source-only", src="tiny-src", tgt="tiny-tgt", steps=12, batch_size=8, out=tmp_path / "run",
+                device="cpu", save_every=5, eval_every=6, log_every=3)
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+def weights(run_dir):
+    return ckpt.read_tensors(ckpt.resolve_checkpoint(run_dir))
+
+
+def test_run_writes_checkpoints_metrics_and_eval(tmp_path):
+    r = train(opts(tmp_path), interactive=False)
+    run = tmp_path / "run"
+    assert r.step == 12 and r.interrupted_by is None
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-00000012"
+    # save_every=5 -> 5, 10 and the final 12; keep_checkpoints=3 keeps all three
+    names = sorted(p.name for p in (run / "checkpoints").glob("step-*.safetensors") if ".state." not in p.name)
+    assert names == ["step-00000005.safetensors", "step-00000010.safetensors", "step-00000012.safetensors"]
+    recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in recs if r["kind"] == "train"]
+    assert train_steps == [3, 6, 9, 12]
+    assert all(torch.isfinite(torch.tensor(r["c/cls"])) for r in recs if r["kind"] == "train")
+    assert [r["step"] for r in recs if r["kind"] == "eval"] == [6, 12]
+    assert 0.0 <= r_final(r) <= 1.0
+    meta = ckpt.read_metadata(ckpt.resolve_checkpoint(run))
+    assert meta["method"] == "source-only" and meta["step"] == 12 and meta["config"]["lr"] == 2e-4
+    assert meta["spec"]["channels"] == 1 and json.loads((run / "config.json").read_text())["options"]["steps"] == 12
+    assert list((run / "eval").glob("*.json"))
+
+
+def r_final(r):
+    return r.final_eval["accuracy"]
+
+
+def test_source_only_learns_the_tiny_task(tmp_path):
+    r = train(opts(tmp_path, steps=150, batch_size=32, eval_every=0, save_every=1000, src="tiny-src", tgt="tiny-src",
+                   params={"lr": 1e-3}), interactive=False)
+    assert r.final_eval["accuracy"] > 0.9  # a model that cannot learn fails this
+
+
+def test_keep_checkpoints_prunes_old_ones(tmp_path):
+    train(opts(tmp_path, steps=20, save_every=2, keep_checkpoints=2), interactive=False)
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["latest", "step-00000018.safetensors", "step-00000018.state.safetensors",
+                     "step-00000020.safetensors", "step-00000020.state.safetensors"]
+
+
+@pytest.mark.parametrize("src", ["tiny-src", "tiny-rgb"])
+def test_interrupt_then_resume_equals_uninterrupted(tmp_path, src):
+    """N steps, a SIGINT, N more == 2N steps uninterrupted, bit for bit (CPU)."""
+    n = 7
+    full = train(opts(tmp_path, src=src, out=tmp_path / "full", steps=2 * n, save_every=100, eval_every=0),
+                 interactive=False)
+
+    def interrupt(step):
+        if step == n:
+            signal.raise_signal(signal.SIGINT)
+
+    part = train(opts(tmp_path, src=src, out=tmp_path / "part", steps=2 * n, save_every=100, eval_every=0),
+                 callbacks=(interrupt,), interactive=False)
+    assert part.interrupted_by == signal.SIGINT and part.step == n
+    assert (tmp_path / "part" / "checkpoints" / "latest").read_text().strip() == ckpt.step_name(n)
+    with pytest.raises(ConfigError, match="--resume auto"):
+        train(opts(tmp_path, src=src, out=tmp_path / "part", steps=2 * n), interactive=False)
+    resumed = train(opts(tmp_path, src=src, out=tmp_path / "part", steps=2 * n, save_every=100, eval_every=0,
+                         resume="auto"), interactive=False)
+    assert resumed.step == 2 * n
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "part")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed.final_eval["accuracy"] == full.final_eval["accuracy"]
+    steps = [json.loads(l)["step"] for l in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(l)["kind"] == "train"]
+    assert steps == sorted(set(steps))  # no duplicated records after resume
+
+
+def test_resume_refuses_other_options(tmp_path):
+    train(opts(tmp_path, steps=4), interactive=False)
+    with pytest.raises(CheckpointError, match="batch size"):
+        train(opts(tmp_path, steps=8, batch_size=4, resume="auto"), interactive=False)
+
+
+def test_resume_auto_on_empty_folder_starts_fresh(tmp_path):
+    r = train(opts(tmp_path, steps=3, resume="auto"), interactive=False)
+    assert r.step == 3
+
+
+def test_truncated_and_foreign_checkpoints_fail_in_one_line(tmp_path):
+    train(opts(tmp_path, steps=3), interactive=False)
+    w = ckpt.resolve_checkpoint(tmp_path / "run")
+    data = w.read_bytes()
+    bad = tmp_path / "cut.safetensors"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError) as e:
+        load_method(bad, torch.device("cpu"))
+    assert "truncated" in str(e.value) and "\n" not in str(e.value)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(CheckpointError, match="not a uda checkpoint"):
+        load_method(foreign, torch.device("cpu"))
+    (tmp_path / "junk.safetensors").write_bytes(b"not at all")
+    with pytest.raises(CheckpointError):
+        load_method(tmp_path / "junk.safetensors", torch.device("cpu"))
+
+
+def test_checkpoint_roundtrip_restores_predictions(tmp_path):
+    r = train(opts(tmp_path, steps=6), interactive=False)
+    m1, _ = load_method(ckpt.resolve_checkpoint(tmp_path / "run"), torch.device("cpu"))
+    m2, meta = load_method(ckpt.resolve_checkpoint(tmp_path / "run"), torch.device("cpu"))
+    x = torch.rand(5, 1, 32, 32) * 2 - 1
+    assert torch.equal(m1.predict(x), m2.predict(x))
+    assert meta["step"] == 6
+    # the reloaded model scores exactly what the run reported at its end
+    from uda_cli.config import EvaluateOptions
+    from uda_cli.engine.evaluate import evaluate_checkpoint
+
+    report, _ = evaluate_checkpoint(EvaluateOptions(target=tmp_path / "run", device="cpu"))
+    assert report["accuracy"] == r.final_eval["accuracy"]
+
+
+def test_no_tmp_files_left_behind(tmp_path):
+    train(opts(tmp_path, steps=4, save_every=1), interactive=False)
+    assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if ".tmp-" in p.name]
+
+
+def test_nonfinite_loss_stops_with_a_clear_error(tmp_path):
+    from uda_cli.errors import UDAError
+
+    with pytest.raises(UDAError, match="not finite"):
+        train(opts(tmp_path, steps=30, log_every=10, params={"lr": 1e30}), interactive=False)
+    # the checkpoints written before the blow-up are still there
+    assert (tmp_path / "run" / "checkpoints" / "latest").exists()

@@ -1,0 +1,18 @@
+"""Option aliases shared by several commands (one definition, one help text)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+DataRoot = Annotated[
+    Optional[Path],
+    typer.Option("--data-root", help="Where datasets live (default: $UDA_DATA_ROOT or ~/.cache/uda/data).",
+                 show_default=False),
+]
+Device = Annotated[
+    Optional[str], typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.", show_default=False)
+]
+BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Images per batch.", show_default=False)]

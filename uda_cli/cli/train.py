@@ -1,0 +1,48 @@
+"""`uda train`: one run of a method on a source -> target pair."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from uda_cli.cli.options import BatchSize, DataRoot, Device
+
+
+def train(
+    method: Annotated[Optional[str], typer.Option("--method", help="Method name, e.g. source-only, dann.", show_default=False)] = None,
+    src: Annotated[Optional[str], typer.Option("--src", help="Labelled source domain[:split], e.g. mnist2000.", show_default=False)] = None,
+    tgt: Annotated[Optional[str], typer.Option("--tgt", help="Unlabelled target domain[:split], e.g. usps1800.", show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Training steps (default: the method's).", show_default=False)] = None,
+    batch_size: BatchSize = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for python, numpy, torch and the batch order [0].", show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run folder [runs/<method>_<src>_<tgt>_s<seed>].", show_default=False)] = None,
+    data_root: DataRoot = None,
+    device: Device = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="A TOML file with these fields; flags override it.", show_default=False)] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Method hyperparameter name=value (repeatable).", show_default=False)] = None,
+    save_every: Annotated[Optional[int], typer.Option("--save-every", help="Checkpoint every N steps [1000].", show_default=False)] = None,
+    eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Evaluate on the target every N steps, 0 never [1000].", show_default=False)] = None,
+    resume: Annotated[Optional[str], typer.Option("--resume", help="'auto' continues the run in --out if it has a checkpoint; or a checkpoint path.", show_default=False)] = None,
+) -> None:
+    """Train METHOD on labelled SRC and unlabelled TGT, then print the target accuracy."""
+    from uda_cli.config import merge_train_options, parse_set
+
+    flags = dict(method=method, src=src, tgt=tgt, steps=steps, batch_size=batch_size, seed=seed, out=out,
+                 data_root=data_root, device=device, save_every=save_every, eval_every=eval_every, resume=resume)
+    opts = merge_train_options(config, flags, parse_set(set_))
+
+    from uda_cli.engine.trainer import train as run_train  # torch is imported from here on
+
+    result = run_train(opts)
+    if result.interrupted_by is not None:
+        raise typer.Exit(128 + int(result.interrupted_by))
+    report = result.final_eval or {}
+    print(f"run folder: {result.run_dir}")
+    print(f"checkpoint: {result.checkpoint}")
+    if report:
+        print(f"target accuracy ({report.get('domain', opts.tgt)}): {100 * report['accuracy']:.2f}% "
+              f"(mean over classes {100 * report['mean_class_accuracy']:.2f}%, {report['num_samples']} images, step {result.step})")
+    sys.stdout.flush()

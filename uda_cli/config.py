@@ -1,0 +1,250 @@
+"""Validated options for every command.
+
+Each command parses its flags with Typer and validates them here with pydantic
+(``extra="forbid"``: an unknown field in a config file is an error, never ignored).
+``train --config run.toml`` reads the same fields; flags given on the command line win over
+the file; method hyperparameters come from the file's ``[params]`` table and ``--set
+name=value`` and are validated by the method's own ``Config`` class.
+
+No torch here: ``uda --help`` must stay instant.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from uda_cli.errors import ConfigError
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=True)
+
+
+def _check_device(v: str) -> str:
+    if not _DEVICE_RE.match(v):
+        raise ValueError("must be auto, cpu, cuda or cuda:N")
+    return v
+
+
+def _check_domain(v: str) -> str:
+    from uda_cli.data.registry import get_domain, parse_domain
+
+    name, _split = parse_domain(v)
+    try:
+        get_domain(name)
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+    return v
+
+
+class TrainOptions(Options):
+    method: str = Field(description="method name, e.g. source-only, dann")
+    src: str = Field(description="labelled source domain, e.g. mnist2000 or mnist:train")
+    tgt: str = Field(description="unlabelled target domain, e.g. usps1800")
+    steps: int | None = Field(default=None, gt=0, description="training steps (default: the method's)")
+    batch_size: int | None = Field(default=None, gt=0, description="images per domain per step (default: the method's)")
+    seed: int = Field(default=0, ge=0)
+    out: Path | None = Field(default=None, description="run folder (default: runs/<method>_<src>_<tgt>_s<seed>)")
+    data_root: Path | None = None
+    device: str = "auto"
+    save_every: int = Field(default=1000, gt=0)
+    eval_every: int = Field(default=1000, ge=0, description="0 turns periodic evaluation off")
+    log_every: int = Field(default=50, gt=0)
+    keep_checkpoints: int = Field(default=3, ge=1, description="periodic checkpoints kept (the latest always is)")
+    resume: str | None = Field(default=None, description="'auto' or a checkpoint path")
+    params: dict[str, Any] = Field(default_factory=dict, description="method hyperparameters")
+
+    _device = field_validator("device")(_check_device)
+    _domains = field_validator("src", "tgt")(_check_domain)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        from uda_cli.methods.registry import get_method
+
+        try:
+            get_method(v)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        return v
+
+    @field_validator("resume")
+    @classmethod
+    def _resume(cls, v: str | None) -> str | None:
+        if v is None or v == "auto":
+            return v
+        if not Path(v).exists():
+            raise ValueError(f"no checkpoint at {v}; pass 'auto' or an existing checkpoint file or run folder")
+        return v
+
+    def run_dir(self) -> Path:
+        if self.out is not None:
+            return self.out
+        clean = lambda s: re.sub(r"[^A-Za-z0-9.-]+", "-", s)  # noqa: E731
+        return Path("runs") / f"{clean(self.method)}_{clean(self.src)}_{clean(self.tgt)}_s{self.seed}"
+
+
+class EvaluateOptions(Options):
+    target: Path = Field(description="a run folder or a checkpoint file")
+    domain: str | None = Field(default=None, description="NAME[:split]; default: the run's target test split")
+    json_path: Path | None = None
+    data_root: Path | None = None
+    device: str = "auto"
+    batch_size: int = Field(default=512, gt=0)
+
+    _device = field_validator("device")(_check_device)
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, v: str | None) -> str | None:
+        return None if v is None else _check_domain(v)
+
+    @field_validator("target")
+    @classmethod
+    def _exists(cls, v: Path) -> Path:
+        if not v.exists():
+            raise ValueError(f"{v} does not exist; pass a run folder (runs/NAME) or a .safetensors checkpoint")
+        return v
+
+
+class DownloadOptions(Options):
+    datasets: list[str] = Field(description="dataset names, e.g. mnist usps")
+    data_root: Path | None = None
+    mirrors: list[str] = Field(default_factory=list, description="base URLs or folders tried before the official URLs")
+    force: bool = False
+    include_optional: bool = True
+
+    @field_validator("datasets")
+    @classmethod
+    def _known_datasets(cls, v: list[str]) -> list[str]:
+        from uda_cli.data.download import get_dataset, list_datasets
+
+        if not v:
+            raise ValueError(f"name at least one dataset: {', '.join(list_datasets())}")
+        for name in v:
+            try:
+                get_dataset(name)
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
+        return list(dict.fromkeys(v))  # `uda download mnist mnist` fetches once
+
+    @field_validator("mirrors")
+    @classmethod
+    def _mirrors(cls, v: list[str]) -> list[str]:
+        for m in v:
+            if "://" in m:
+                scheme = m.split("://", 1)[0].lower()
+                if scheme not in ("http", "https", "file"):
+                    raise ValueError(f"{m}: a mirror is an http(s):// or file:// URL, or a folder")
+            elif not Path(m).expanduser().is_dir():
+                raise ValueError(f"{m} is not a folder; a mirror is an http(s):// or file:// URL, or a folder")
+        return v
+
+
+# --------------------------------------------------------------------------------------
+# Option parsing helpers shared by the commands
+# --------------------------------------------------------------------------------------
+
+
+def parse_set(items: list[str] | None) -> dict[str, Any]:
+    """``["lr=1e-3", "betas=[0.5,0.9]"]`` -> ``{"lr": 0.001, "betas": [0.5, 0.9]}``.
+
+    Values are read as JSON where they parse (numbers, booleans, lists), else as strings.
+    """
+    out: dict[str, Any] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ConfigError(f"--set: expected name=value, got {item!r}")
+        try:
+            out[name] = json.loads(value)
+        except json.JSONDecodeError:
+            out[name] = value
+    return out
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--config: no file at {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config: {path} is not valid TOML: {e}") from None
+
+
+# Field names as the user types them.
+OPTION_NAMES = {"json_path": "--json", "target": "RUN_OR_CHECKPOINT", "datasets": "DATASETS", "params": "--set"}
+
+
+def option_name(field: str) -> str:
+    return OPTION_NAMES.get(field, "--" + field.replace("_", "-"))
+
+
+def validation_lines(e: ValidationError, prefix: str | None = None) -> list[str]:
+    """One ``<option>: <problem>`` line per pydantic error."""
+    lines = []
+    for err in e.errors():
+        loc = [str(p) for p in err["loc"]]
+        if prefix is not None:
+            name = f"{prefix} {'.'.join(loc)}".strip()
+        else:
+            name = option_name(loc[0]) if loc else "options"
+            if len(loc) > 1:
+                name += "." + ".".join(loc[1:])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown option" if prefix is None else "unknown hyperparameter for this method"
+        lines.append(f"{name}: {msg}")
+    return lines
+
+
+def method_config(method: str, params: dict[str, Any], source: str = "--set"):
+    """Validate hyperparameters with the method's own ``Config`` (unknown names rejected)."""
+    from uda_cli.methods.registry import get_method
+
+    cls = get_method(method)
+    try:
+        return cls.Config(**params)
+    except ValidationError as e:
+        known = ", ".join(sorted(cls.Config.model_fields))
+        raise ConfigError("\n".join(validation_lines(e, prefix=source) + [f"{method} hyperparameters: {known}"])) from None
+
+
+def merge_train_options(config: Path | None, flags: dict[str, Any], sets: dict[str, Any]) -> TrainOptions:
+    """File values, overridden by the flags that were given, then ``--set`` on top of ``[params]``.
+
+    Every problem is reported at once, the method's hyperparameters included.
+    """
+    data: dict[str, Any] = read_toml(config) if config else {}
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    for k, v in flags.items():
+        if v is not None:
+            data[k] = v
+    params = dict(data.get("params") or {})
+    params.update(sets)
+    data["params"] = params
+    lines: list[str] = []
+    opts = None
+    try:
+        opts = TrainOptions.model_validate(data)
+    except ValidationError as e:
+        lines += validation_lines(e)
+    method = data.get("method")
+    if isinstance(method, str) and not any(l.startswith("--method:") for l in lines):
+        try:
+            method_config(method, params)
+        except ConfigError as e:
+            lines += str(e).splitlines()
+    if lines:
+        raise ConfigError("\n".join(lines))
+    return opts

@@ -1,0 +1,1 @@
+"""Domains: named datasets, their readers, and batch iterators for the training loop."""

@@ -1,0 +1,134 @@
+"""The domain registry: every name a user can pass to ``--src``, ``--tgt`` or ``--domain``.
+
+A domain is a task (classification now; segmentation later), its classes, the image size
+a run uses, its splits, and a reader for the original files. A reader returns the split at
+its native size as ``uint8`` numpy arrays ``images [N, H, W, C]`` (C is 1 or 3) and
+``labels [N]`` (int64); :func:`load_domain` turns that into one uint8 tensor at the run's
+size and channel count, the only copy a run keeps.
+
+Files live under ``<data root>/<dataset>/`` where the data root comes from ``--data-root``,
+``UDA_DATA_ROOT``, or ``$XDG_CACHE_HOME/uda/data`` (``~/.cache/uda/data``).
+
+This module imports no torch at import time (``uda --help`` stays instant).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+from uda_cli.errors import ConfigError
+
+Task = Literal["classification", "segmentation"]
+DIGIT_CLASSES = tuple(str(i) for i in range(10))
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    name: str
+    task: Task
+    classes: tuple[str, ...]
+    channels: int  # native channel count (1 grey, 3 colour)
+    image_size: tuple[int, int]  # (H, W) every image is resized to
+    splits: tuple[str, ...]
+    train_split: str  # what a run trains on
+    eval_split: str  # what a run evaluates on by default
+    dataset: str | None  # the `uda download` name holding its files; None: ships in the package
+    reader: Callable[[Path, str], tuple]  # (dataset folder, split) -> (images, labels)
+    description: str = ""
+    notes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+_DOMAINS: dict[str, DomainSpec] = {}
+_BUILTIN_LOADED = False
+
+
+def register_domain(spec: DomainSpec) -> DomainSpec:
+    _ensure_builtin()
+    if spec.name in _DOMAINS:
+        raise ValueError(f"domain {spec.name!r} registered twice")
+    _DOMAINS[spec.name] = spec
+    return spec
+
+
+def list_domains() -> list[str]:
+    _ensure_builtin()
+    return sorted(_DOMAINS)
+
+
+def parse_domain(text: str) -> tuple[str, str | None]:
+    """``"usps:test"`` -> ``("usps", "test")``; ``"usps"`` -> ``("usps", None)``."""
+    name, sep, split = text.partition(":")
+    return name.strip(), (split.strip() if sep else None)
+
+
+def get_domain(name: str) -> DomainSpec:
+    _ensure_builtin()
+    if name not in _DOMAINS:
+        known = ", ".join(sorted(_DOMAINS))
+        raise ConfigError(f"unknown domain {name!r}; known domains: {known}")
+    return _DOMAINS[name]
+
+
+def resolve_split(spec: DomainSpec, split: str | None, default: str) -> str:
+    split = split or default
+    if split not in spec.splits:
+        raise ConfigError(
+            f"domain {spec.name!r} has no split {split!r}; its splits are: {', '.join(spec.splits)}"
+        )
+    return split
+
+
+def default_data_root() -> Path:
+    env = os.environ.get("UDA_DATA_ROOT")
+    if env:
+        return Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "uda" / "data"
+
+
+def resolve_data_root(data_root: Path | str | None) -> Path:
+    return Path(data_root).expanduser() if data_root else default_data_root()
+
+
+def load_domain(
+    name: str,
+    split: str,
+    data_root: Path | str | None = None,
+    channels: int | None = None,
+    size: tuple[int, int] | None = None,
+):
+    """Read ``name:split`` and return ``(images uint8 [N, C, H, W], labels int64 [N])`` tensors.
+
+    Grey images are repeated to 3 channels when ``channels == 3``; colour images are turned
+    grey (ITU-R 601 luma) when ``channels == 1``.
+    """
+    import numpy as np
+    import torch
+
+    from uda_cli.data.transforms import to_channels, resize_uint8
+
+    spec = get_domain(name)
+    split = resolve_split(spec, split, spec.train_split)
+    root = resolve_data_root(data_root)
+    folder = root / spec.dataset if spec.dataset else Path()
+    images, labels = spec.reader(folder, split)
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # NHWC -> NCHW view
+    del images
+    x = to_channels(x, channels or spec.channels)
+    x = resize_uint8(x, size or spec.image_size)
+    y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    return x.contiguous(), y
+
+
+def _ensure_builtin() -> None:
+    global _BUILTIN_LOADED
+    if not _BUILTIN_LOADED:
+        _BUILTIN_LOADED = True
+        from uda_cli.data import domains  # noqa: F401  (fills the registry)

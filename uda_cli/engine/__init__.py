@@ -1,0 +1,1 @@
+"""The training core: one loop, checkpoints, metrics, logging."""

@@ -1,0 +1,40 @@
+"""Evaluate any classification checkpoint on any labelled domain of the same classes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from uda_cli.config import EvaluateOptions
+from uda_cli.data.registry import get_domain, load_domain, parse_domain, resolve_split
+from uda_cli.engine import checkpoint as ckpt
+from uda_cli.engine.metrics import evaluate_classifier
+from uda_cli.engine.runtime import autocast_for, resolve_device
+from uda_cli.errors import ConfigError
+
+
+def evaluate_checkpoint(opts: EvaluateOptions) -> tuple[dict[str, Any], Path | None]:
+    from uda_cli.engine.trainer import load_method, write_eval
+
+    weights = ckpt.resolve_checkpoint(opts.target)
+    device = resolve_device(opts.device)
+    method, meta = load_method(weights, device)
+    if method.spec.task != "classification":
+        raise ConfigError(f"{weights} is a {method.spec.task} checkpoint; `uda evaluate` reports classification only so far")
+    domain_text = opts.domain or meta.get("tgt_eval") or meta["options"]["tgt"]
+    name, split = parse_domain(domain_text)
+    spec = get_domain(name)
+    split = resolve_split(spec, split, spec.eval_split)
+    if spec.classes != method.spec.classes:
+        raise ConfigError(f"{name} has classes {spec.classes}, the checkpoint {method.spec.classes}; pick a domain of the same classes")
+    images, labels = load_domain(name, split, opts.data_root, channels=method.spec.channels, size=method.spec.image_size)
+    report = evaluate_classifier(method, images.to(device), labels.to(device), opts.batch_size, autocast_for(device))
+    report = {"method": meta["method"], "checkpoint": str(weights), "step": meta["step"], "domain": f"{name}:{split}", **report}
+    written: Path | None = None
+    if opts.json_path:
+        written = opts.json_path
+        ckpt.atomic_write_bytes(written, (json.dumps(report, indent=2) + "\n").encode())
+    elif weights.parent.name == "checkpoints":
+        written = write_eval(weights.parent.parent / "eval", f"{name}:{split}", meta["step"], report, weights)
+    return report, written

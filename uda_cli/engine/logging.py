@@ -1,0 +1,106 @@
+"""Run logging: a rich progress bar on a terminal, plain lines elsewhere, and metrics.jsonl.
+
+``metrics.jsonl`` holds one JSON object per line: ``{"kind": "train", "step", "time",
+"lr/<group>", "<loss>", "it_s", "img_s"}`` every ``log_every`` steps and ``{"kind":
+"eval", "step", "domain", "accuracy", ...}`` after each evaluation. On resume, records of
+steps after the checkpoint (written by the interrupted run) are dropped first, so the file
+reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+
+def stderr_console() -> Console:
+    return Console(stderr=True, soft_wrap=True)
+
+
+def truncate_metrics(path: Path, max_step: int) -> None:
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut off by a kill
+        if int(rec.get("step", 0)) <= max_step:
+            kept.append(line)
+    path.write_text("".join(k + "\n" for k in kept))
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, interactive: bool | None = None,
+                 enabled: bool = True):
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.console = stderr_console()
+        self.interactive = self.console.is_terminal if interactive is None else interactive
+        self.total, self.start = total_steps, start_step
+        self._progress = None
+        self._task = None
+        self._file = None
+        if enabled:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            truncate_metrics(self.path, start_step)
+            self._file = open(self.path, "a", buffering=1)
+
+    def __enter__(self) -> "RunLogger":
+        if self.enabled and self.interactive:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[losses]}"),
+                console=self.console, transient=False,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("train", total=self.total, completed=self.start, rate="", losses="")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+        if self._file is not None:
+            self._file.close()
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+
+    def advance(self, step: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step)
+
+    def train(self, step: int, values: dict[str, float], it_s: float, img_s: float) -> None:
+        if not self.enabled:
+            return
+        self.write({"kind": "train", "step": step, "time": time.time(), **values, "it_s": it_s, "img_s": img_s})
+        losses = " ".join(f"{k} {v:.4f}" for k, v in values.items() if not k.startswith("lr/"))
+        rate = f"{it_s:.1f} it/s {img_s:.0f} img/s"
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, rate=rate, losses=losses)
+        else:
+            self.info(f"step {step}/{self.total} | {losses} | {rate}")
+
+    def eval(self, step: int, domain: str, report: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.write({"kind": "eval", "step": step, "time": time.time(), "domain": domain,
+                    "accuracy": report["accuracy"], "mean_class_accuracy": report["mean_class_accuracy"]})
+        self.info(f"step {step}: {domain} accuracy {100 * report['accuracy']:.2f}%")
+
+    def info(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        if self._progress is not None:
+            self._progress.console.print(msg, markup=False, highlight=False)
+        else:
+            print(msg, file=sys.stderr, flush=True)

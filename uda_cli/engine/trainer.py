@@ -1,0 +1,334 @@
+"""THE training loop: every method, every domain pair, one loop.
+
+It owns the device, precision, optimizers and their schedules, the batch streams, logging,
+evaluation cadence, checkpoints, resume and interruption. A method contributes networks and
+the losses of one step (see ``uda_cli/methods/base.py``).
+
+Iteration-based: a run is ``steps`` steps of one source and one target batch each.
+Evaluation on the target's evaluation split every ``eval_every`` steps is logged only; the
+checkpoint that ``evaluate`` reports by default is the final one, never a best-on-target
+pick (that would use target labels for model selection).
+
+Interruption: SIGINT, SIGTERM and SIGUSR1 let the current step finish, write a complete
+checkpoint and return; the command then exits with 128 + the signal number (130, 143, 138)
+so a scheduler can requeue and ``--resume auto`` continue. A second SIGINT stops at once,
+keeping the last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from uda_cli import __version__
+from uda_cli.config import TrainOptions, method_config
+from uda_cli.data.batches import InMemoryDomain, PairedBatches
+from uda_cli.data.registry import DomainSpec, get_domain, load_domain, parse_domain, resolve_split
+from uda_cli.engine import checkpoint as ckpt
+from uda_cli.engine.logging import RunLogger
+from uda_cli.engine.metrics import evaluate_classifier
+from uda_cli.engine.runtime import autocast_for, configure_backends, resolve_device, seed_everything
+from uda_cli.errors import CheckpointError, ConfigError, UDAError
+from uda_cli.methods.base import Method, MethodConfig, OptimSpec, RoundContext, RunSpec
+from uda_cli.methods.registry import get_method
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    step: int
+    checkpoint: Path | None
+    final_eval: dict[str, Any] | None = None
+    interrupted_by: int | None = None  # signal number, when a signal stopped the run
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ---- method construction ----------------------------------------------------------------------
+
+def build_method(name: str, config: MethodConfig, spec: RunSpec) -> Method:
+    cls = get_method(name)
+    if spec.task not in cls.tasks:
+        raise ConfigError(f"method {name!r} handles {', '.join(sorted(cls.tasks))} domains, not {spec.task}")
+    return cls(config, spec)
+
+
+def load_method(weights: Path, device: torch.device) -> tuple[Method, dict[str, Any]]:
+    """Rebuild a method from a checkpoint's metadata and load its weights (eval mode)."""
+    meta = ckpt.read_metadata(weights)
+    cfg = method_config(meta["method"], meta["config"], source="checkpoint config")
+    method = build_method(meta["method"], cfg, RunSpec.from_json(meta["spec"]))
+    ckpt.load_weights_into(method, ckpt.read_tensors(weights), weights)
+    method.nets.to(device)
+    method.eval()
+    return method, meta
+
+
+# ---- optimizers ---------------------------------------------------------------------------------
+
+def _lr_lambda(spec: OptimSpec, total: int) -> Callable[[int], float]:
+    if spec.schedule == "constant":
+        return lambda s: 1.0
+    if spec.schedule == "step":
+        return lambda s: spec.gamma ** (s // spec.step_every)
+    if spec.schedule == "inv":  # DANN: lr_p = lr / (1 + 10 p)^0.75
+        return lambda s: (1 + 10 * min(s / total, 1.0)) ** -0.75
+    if spec.schedule == "poly":  # DeepLab: lr_p = lr (1 - p)^0.9
+        return lambda s: max(1 - s / total, 0.0) ** 0.9
+    raise ValueError(spec.schedule)
+
+
+def build_optimizers(method: Method, total: int):
+    specs = method.optimizers()
+    owned = [n for s in specs.values() for n in s.nets]
+    if len(owned) != len(set(owned)) or set(owned) - set(method.nets):
+        raise ValueError(f"{method.name}: every network must belong to at most one optimizer group ({specs})")
+    optims, scheds, params = {}, {}, {}
+    for gname, s in specs.items():
+        groups = [{"params": list(method.nets[n].parameters()), "lr": s.lr * s.lr_mult.get(n, 1.0)} for n in s.nets]
+        groups = [g for g in groups if g["params"]]
+        params[gname] = [p for g in groups for p in g["params"]]
+        if s.kind == "adam":
+            opt = torch.optim.Adam(groups, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
+        else:
+            opt = torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+        optims[gname] = opt
+        scheds[gname] = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s, total))
+    return specs, optims, scheds, params
+
+
+# ---- signals ---------------------------------------------------------------------------------------
+
+class StopFlag:
+    """Turns SIGINT/SIGTERM/SIGUSR1 into a request to stop after the current step."""
+
+    SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGUSR1")) if s)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: stop now; the last checkpoint stays
+        self.signum = signum
+
+    def __enter__(self) -> "StopFlag":
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._old[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
+# ---- the loop ----------------------------------------------------------------------------------
+
+def _domain_split(text: str, default_attr: str) -> tuple[DomainSpec, str]:
+    name, split = parse_domain(text)
+    spec = get_domain(name)
+    return spec, resolve_split(spec, split, getattr(spec, default_attr))
+
+
+def resolve_run(opts: TrainOptions) -> tuple[type[Method], MethodConfig, int, int]:
+    cls = get_method(opts.method)
+    cfg = method_config(opts.method, opts.params)
+    return cls, cfg, opts.steps or cfg.steps, opts.batch_size or cfg.batch_size
+
+
+def _find_resume(opts: TrainOptions, ckpt_dir: Path) -> Path | None:
+    if opts.resume is None:
+        if (ckpt_dir / "latest").exists():
+            raise ConfigError(
+                f"{ckpt_dir.parent} already holds a run; pass --resume auto to continue it or --out for a new run folder"
+            )
+        return None
+    if opts.resume == "auto":
+        return ckpt.resolve_checkpoint(ckpt_dir.parent) if (ckpt_dir / "latest").exists() else None
+    return ckpt.resolve_checkpoint(Path(opts.resume))
+
+
+def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (), interactive: bool | None = None,
+          console_print: Callable[[str], None] | None = None) -> RunResult:
+    cls, cfg, total, batch_size = resolve_run(opts)
+    src_spec, src_split = _domain_split(opts.src, "train_split")
+    tgt_spec, tgt_split = _domain_split(opts.tgt, "train_split")
+    tgt_eval_split = tgt_spec.eval_split
+    if src_spec.task != tgt_spec.task or src_spec.classes != tgt_spec.classes:
+        raise ConfigError(f"{src_spec.name} and {tgt_spec.name} do not share a task and classes; pick domains of the same task")
+    if src_spec.image_size != tgt_spec.image_size:
+        raise ConfigError(f"{src_spec.name} and {tgt_spec.name} have different image sizes")
+    spec = RunSpec(task=src_spec.task, classes=src_spec.classes,
+                   channels=cls.input_channels(cfg, src_spec.channels, tgt_spec.channels),
+                   image_size=src_spec.image_size)
+
+    run_dir = opts.run_dir()
+    ckpt_dir = run_dir / "checkpoints"
+    resume_from = _find_resume(opts, ckpt_dir)
+    resume_meta = ckpt.read_metadata(resume_from) if resume_from else None
+    if resume_meta:
+        _check_resume_compatible(resume_meta, opts, cfg, batch_size, resume_from)
+
+    device = resolve_device(opts.device)
+    configure_backends(device)
+    autocast = autocast_for(device)
+    seed_everything(opts.seed)
+
+    # Data: each split read once, converted once, kept once (on the device).
+    load = lambda s, sp: InMemoryDomain(f"{s.name}:{sp}", *load_domain(  # noqa: E731
+        s.name, sp, opts.data_root, channels=spec.channels, size=spec.image_size)).to(device)
+    src = load(src_spec, src_split)
+    tgt = load(tgt_spec, tgt_split)
+    tgt_eval = tgt if tgt_eval_split == tgt_split else load(tgt_spec, tgt_eval_split)
+    batches = PairedBatches(src, tgt, batch_size, seed=opts.seed)
+
+    method = build_method(opts.method, cfg, spec)
+    method.nets.to(device)
+    method.train()
+    specs, optims, scheds, params = build_optimizers(method, total)
+
+    def update(name: str, loss: torch.Tensor) -> None:
+        if name not in optims:
+            raise KeyError(f"{method.name}: no optimizer group {name!r} (groups: {', '.join(optims)})")
+        opt = optims[name]
+        opt.zero_grad(set_to_none=True)
+        # Backward outside autocast, as PyTorch recommends; the forward ran under it.
+        with torch.autocast(device.type, enabled=False):
+            loss.backward()
+        if specs[name].grad_clip:
+            torch.nn.utils.clip_grad_norm_(params[name], specs[name].grad_clip)
+        opt.step()
+
+    method._update = update
+
+    start = 0
+    if resume_from:
+        ckpt.load_weights_into(method, ckpt.read_tensors(resume_from), resume_from)
+        state = ckpt.read_train_state(resume_from)
+        for g, opt in optims.items():
+            opt.load_state_dict(state["optim"][g])
+            scheds[g].load_state_dict(state["sched"][g])
+        batches.load_state_dict(state["batches"])
+        ckpt.set_rng_state(state["rng"])
+        start = resume_meta["step"]
+
+    meta = {
+        "method": opts.method,
+        "config": cfg.model_dump(mode="json"),
+        "spec": spec.to_json(),
+        "options": {**opts.model_dump(mode="json"), "steps": total, "batch_size": batch_size},
+        "src": f"{src_spec.name}:{src_split}",
+        "tgt": f"{tgt_spec.name}:{tgt_split}",
+        "tgt_eval": f"{tgt_spec.name}:{tgt_eval_split}",
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps({**meta, "uda_version": __version__, "device": str(device)}, indent=2) + "\n")
+
+    def save(step: int) -> Path:
+        state = {
+            "optim": {g: o.state_dict() for g, o in optims.items()},
+            "sched": {g: s.state_dict() for g, s in scheds.items()},
+            "batches": batches.state_dict(),
+            "rng": ckpt.rng_state(),
+        }
+        return ckpt.save_checkpoint(ckpt_dir, step, method, meta, state, keep=opts.keep_checkpoints)
+
+    def evaluate(step: int) -> dict[str, Any]:
+        report = evaluate_classifier(method, tgt_eval.images, tgt_eval.labels, 512, autocast)
+        logger.eval(step, meta["tgt_eval"], report)
+        return {"domain": meta["tgt_eval"], **report}
+
+    rounds = sorted(method.round_starts(total))
+    result = RunResult(run_dir=run_dir, step=start, checkpoint=resume_from)
+    imgs_per_step = 2 * batch_size
+    with RunLogger(run_dir, total, start, interactive=interactive) as logger, StopFlag() as stop:
+        if resume_from:
+            logger.info(f"resumed from {resume_from} at step {start}")
+        past = [r for r in rounds if r < start]
+        if past and start not in rounds:  # resumed mid-round: reload what the round prepared
+            method.prepare_round(RoundContext(run_dir, rounds.index(past[-1]), start, True, tgt, device, autocast))
+        sums: dict[str, torch.Tensor] = {}
+        n_acc, t_last = 0, time.perf_counter()
+        step = start
+        while step < total:
+            if step in rounds:
+                method.prepare_round(RoundContext(run_dir, rounds.index(step), step, False, tgt, device, autocast))
+            with autocast():
+                losses = method.train_step(batches.next(), step)
+            for s in scheds.values():
+                s.step()
+            for k, v in losses.items():
+                sums[k] = sums[k] + v.float() if k in sums else v.float()
+            n_acc += 1
+            step += 1
+            result.step = step
+            if step % opts.log_every == 0 or step == total:
+                values = dict(zip(sums, torch.stack(list(sums.values())).div(n_acc).tolist())) if sums else {}
+                bad = [k for k, v in values.items() if not math.isfinite(v)]
+                if bad:
+                    last = ckpt_dir / "latest"
+                    where = f"the last complete checkpoint is {last.read_text().strip()}" if last.exists() else "no checkpoint was written"
+                    raise UDAError(f"loss {bad[0]} is not finite at step {step} ({where}); lower the learning rate, e.g. --set lr=...")
+                for g, o in optims.items():
+                    values[f"lr/{g}"] = o.param_groups[0]["lr"]
+                now = time.perf_counter()
+                it_s = n_acc / max(now - t_last, 1e-9)
+                logger.train(step, values, it_s, it_s * imgs_per_step)
+                result.history.append({"step": step, **values})
+                sums, n_acc, t_last = {}, 0, now
+            else:
+                logger.advance(step)
+            t_pause = time.perf_counter()
+            if opts.eval_every and step % opts.eval_every == 0 and step != total:
+                evaluate(step)
+            if step % opts.save_every == 0 or step == total:
+                result.checkpoint = save(step)
+            t_last += time.perf_counter() - t_pause  # throughput counts training time only
+            for cb in callbacks:
+                cb(step)
+            if stop.signum is not None and step < total:
+                if step % opts.save_every:
+                    result.checkpoint = save(step)
+                result.interrupted_by = stop.signum
+                logger.info(f"stopped by signal {stop.signum} at step {step}; checkpoint {result.checkpoint}; "
+                            f"continue with --resume auto")
+                return result
+        if step == start and start == total and resume_from:
+            logger.info(f"run already complete at step {total}")
+        result.final_eval = evaluate(step)
+        write_eval(run_dir / "eval", meta["tgt_eval"], step, result.final_eval, result.checkpoint)
+    return result
+
+
+def write_eval(folder: Path, domain: str, step: int, report: dict[str, Any], checkpoint: Path | None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{domain.replace(':', '_')}_step{step:08d}.json"
+    payload = {"domain": domain, "step": step, "checkpoint": str(checkpoint) if checkpoint else None, **report}
+    ckpt.atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())
+    return path
+
+
+def _check_resume_compatible(meta: dict[str, Any], opts: TrainOptions, cfg: MethodConfig, batch_size: int,
+                             path: Path) -> None:
+    saved = meta.get("options", {})
+    diffs = []
+    if meta["method"] != opts.method:
+        diffs.append(f"method {meta['method']} vs {opts.method}")
+    for k in ("src", "tgt", "seed"):
+        if saved.get(k) != getattr(opts, k):
+            diffs.append(f"{k} {saved.get(k)} vs {getattr(opts, k)}")
+    if saved.get("batch_size") != batch_size:
+        diffs.append(f"batch size {saved.get('batch_size')} vs {batch_size}")
+    if meta["config"] != cfg.model_dump(mode="json"):
+        diffs.append("method hyperparameters")
+    if diffs:
+        raise CheckpointError(f"cannot resume from {path}: it differs in {'; '.join(diffs)}; use the same options or a new --out")

@@ -1,0 +1,187 @@
+"""The method API: what a domain-adaptation method tells the one training loop.
+
+A method says which networks it has (``build``), what one step's losses are
+(``train_step``), how to predict (``predict``) and embed (``features``) an image, and, for
+translators, how to ``translate`` one. Everything else (devices, precision, optimizers,
+schedules, logging, checkpoints, distribution) belongs to the engine. A step updates a
+network group by calling ``self.update(name, loss)``, which the engine binds to
+zero-grad / backward / clip / step of that group's optimizer.
+
+Self-training methods (a later issue) override ``round_starts`` and ``prepare_round`` for
+their pseudo-label pass; segmentation methods return per-pixel logits ``[B, K, H, W]``
+from ``predict``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+class MethodConfig(BaseModel):
+    """Hyperparameters shared by every method; each method's ``Config`` extends it.
+
+    Defaults in a subclass are the paper's values; the docstring of the method says where
+    it departs from them and why.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    steps: int = Field(10_000, gt=0, description="training steps when --steps is not given")
+    batch_size: int = Field(128, gt=0, description="images per domain per step when --batch-size is not given")
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(2e-4, gt=0)
+    betas: tuple[float, float] = (0.5, 0.999)
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_schedule: Literal["constant", "step", "inv", "poly"] = Field(
+        "constant",
+        description="step: lr*gamma^(step//lr_step_every); inv: lr*(1+10p)^-0.75 (DANN); poly: lr*(1-p)^0.9",
+    )
+    lr_step_every: int = Field(20_000, gt=0)
+    lr_gamma: float = Field(0.95, gt=0)
+    grad_clip: float | None = Field(None, gt=0, description="clip each group's gradient norm to this")
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    """One optimizer over some network groups. ``lr_mult`` scales the lr of single nets."""
+
+    nets: tuple[str, ...]
+    kind: Literal["adam", "sgd"] = "adam"
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: Literal["constant", "step", "inv", "poly"] = "constant"
+    step_every: int = 20_000
+    gamma: float = 0.95
+    grad_clip: float | None = None
+    lr_mult: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, cfg: MethodConfig, nets: tuple[str, ...], **overrides: Any) -> "OptimSpec":
+        base = dict(
+            kind=cfg.optimizer, lr=cfg.lr, betas=tuple(cfg.betas), momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay, schedule=cfg.lr_schedule, step_every=cfg.lr_step_every,
+            gamma=cfg.lr_gamma, grad_clip=cfg.grad_clip,
+        )
+        base.update(overrides)
+        return cls(nets=tuple(nets), **base)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What a method's networks depend on; stored in every checkpoint to rebuild them."""
+
+    task: str
+    classes: tuple[str, ...]
+    channels: int
+    image_size: tuple[int, int]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["classes"] = list(self.classes)
+        d["image_size"] = list(self.image_size)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "RunSpec":
+        return cls(task=d["task"], classes=tuple(d["classes"]), channels=int(d["channels"]),
+                   image_size=tuple(d["image_size"]))
+
+
+@dataclass
+class RoundContext:
+    """What ``prepare_round`` gets: the run folder, the target training data, and helpers."""
+
+    run_dir: Path
+    round_index: int
+    step: int
+    resumed: bool
+    target: Any  # the target training domain (an in-memory or streaming domain)
+    device: Any
+    autocast: Callable[[], Any]
+
+
+class Method:
+    """Base class of every method. Subclasses set ``Config``, ``tasks`` and implement ``build``,
+    ``train_step``, ``predict`` and ``features``."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    tasks: ClassVar[set[str]] = {"classification"}
+    translates_images: ClassVar[bool] = False
+
+    def __init__(self, config: MethodConfig, spec: RunSpec):
+        from torch import nn
+
+        self.cfg = config
+        self.spec = spec
+        self.nets: nn.ModuleDict = nn.ModuleDict(self.build())
+        self._update: Callable[[str, "torch.Tensor"], None] | None = None
+
+    # ---- what a method implements ------------------------------------------------------
+    @classmethod
+    def input_channels(cls, config: MethodConfig, src_channels: int, tgt_channels: int) -> int:
+        """Channels a run uses: colour if either domain is colour (grey is repeated)."""
+        return max(src_channels, tgt_channels)
+
+    def build(self) -> dict[str, "nn.Module"]:
+        raise NotImplementedError
+
+    def optimizers(self) -> dict[str, OptimSpec]:
+        """Optimizer groups; by default one Adam/SGD over every network, from the config."""
+        return {"main": OptimSpec.from_config(self.cfg, tuple(self.nets.keys()))}
+
+    def train_step(self, batch: dict[str, "torch.Tensor"], step: int) -> dict[str, "torch.Tensor"]:
+        raise NotImplementedError
+
+    def predict(self, x: "torch.Tensor") -> "torch.Tensor":
+        raise NotImplementedError
+
+    def features(self, x: "torch.Tensor") -> "torch.Tensor":
+        raise NotImplementedError
+
+    def translate(self, x: "torch.Tensor", noise: "torch.Tensor | None" = None) -> "torch.Tensor":
+        raise NotImplementedError(f"{self.name} does not translate images")
+
+    def round_starts(self, total_steps: int) -> list[int]:
+        """Steps at which a self-training round begins (``prepare_round`` runs there)."""
+        return []
+
+    def prepare_round(self, ctx: RoundContext) -> None:
+        """Pseudo-label pass before a round; on resume, reload what the round wrote."""
+
+    def extra_state(self) -> dict[str, "torch.Tensor"]:
+        """Tensors outside the networks that a checkpoint must keep."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, "torch.Tensor"]) -> None:
+        if state:
+            raise ValueError(f"{self.name} has no extra state but the checkpoint has {sorted(state)}")
+
+    # ---- given by the engine -----------------------------------------------------------
+    def update(self, name: str, loss: "torch.Tensor") -> None:
+        """Backpropagate ``loss`` and step optimizer group ``name`` (the engine's)."""
+        if self._update is None:
+            raise RuntimeError("update() is only available inside the training loop")
+        self._update(name, loss)
+
+    def train(self, mode: bool = True) -> "Method":
+        self.nets.train(mode)
+        return self
+
+    def eval(self) -> "Method":
+        return self.train(False)
