@@ -48,6 +48,8 @@ class RunResult:
     checkpoint: Path | None
     final_eval: dict[str, Any] | None = None
     interrupted_by: int | None = None  # signal number, when a signal stopped the run
+    train_seconds: float = 0.0  # time in training steps (evaluation and checkpoints excluded)
+    images_seen: int = 0  # source + target images this call trained on
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -281,6 +283,8 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
                 for g, o in optims.items():
                     values[f"lr/{g}"] = o.param_groups[0]["lr"]
                 now = time.perf_counter()
+                result.train_seconds += now - t_last
+                result.images_seen += n_acc * imgs_per_step
                 it_s = n_acc / max(now - t_last, 1e-9)
                 logger.train(step, values, it_s, it_s * imgs_per_step)
                 result.history.append({"step": step, **values})
