@@ -171,7 +171,7 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
         raise ConfigError(f"{src_spec.name} and {tgt_spec.name} have different image sizes")
     spec = RunSpec(task=src_spec.task, classes=src_spec.classes,
                    channels=cls.input_channels(cfg, src_spec.channels, tgt_spec.channels),
-                   image_size=src_spec.image_size)
+                   image_size=src_spec.image_size, domains=(src_spec.name, tgt_spec.name))
 
     run_dir = opts.run_dir()
     ckpt_dir = run_dir / "checkpoints"

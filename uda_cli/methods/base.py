@@ -85,6 +85,7 @@ class RunSpec:
     classes: tuple[str, ...]
     channels: int
     image_size: tuple[int, int]
+    domains: tuple[str, ...] = ()  # (source, target) names, for choices such as a backbone
 
     @property
     def num_classes(self) -> int:
@@ -94,12 +95,13 @@ class RunSpec:
         d = asdict(self)
         d["classes"] = list(self.classes)
         d["image_size"] = list(self.image_size)
+        d["domains"] = list(self.domains)
         return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "RunSpec":
         return cls(task=d["task"], classes=tuple(d["classes"]), channels=int(d["channels"]),
-                   image_size=tuple(d["image_size"]))
+                   image_size=tuple(d["image_size"]), domains=tuple(d.get("domains", ())))
 
 
 @dataclass

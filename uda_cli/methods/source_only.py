@@ -28,12 +28,12 @@ class SourceOnly(Method):
 
     class Config(MethodConfig):
         backbone: Literal["auto", "lenet", "svhn"] = Field(
-            "auto", description="auto: LeNet for grey digits, the DANN SVHN network for colour"
+            "auto", description="auto: the DANN SVHN network when SVHN is involved, else LeNet"
         )
         weight_decay: float = 2.5e-5
 
     def build(self):
-        f, c = digit_backbone(self.cfg.backbone, self.spec.channels, self.spec.num_classes)
+        f, c = digit_backbone(self.cfg.backbone, self.spec.channels, self.spec.num_classes, self.spec.domains)
         return {"F": f, "C": c}
 
     def train_step(self, batch, step):

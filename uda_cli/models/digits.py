@@ -69,10 +69,19 @@ class SVHNClassifier(nn.Module):
         return self.net(f)
 
 
-def digit_backbone(kind: str, channels: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
-    """``(encoder F, classifier C)``; ``kind`` is lenet, svhn, or auto (lenet for grey, svhn for colour)."""
+def digit_backbone(kind: str, channels: int, num_classes: int, domains: tuple[str, ...] = ()) -> tuple[nn.Module, nn.Module]:
+    """``(encoder F, classifier C)``; ``kind`` is lenet, svhn, or auto.
+
+    auto: the wide SVHN network when a run involves SVHN (colour house numbers), else LeNet
+    with as many input channels as the run has (MNIST-M is colour but MNIST-sized and
+    MNIST-shaped, and the DANN paper used a LeNet-sized net for MNIST->MNIST-M). Without
+    domain names, auto falls back to the channel count (svhn for colour).
+    """
     if kind == "auto":
-        kind = "lenet" if channels == 1 else "svhn"
+        if domains:
+            kind = "svhn" if any(d.startswith("svhn") for d in domains) else "lenet"
+        else:
+            kind = "lenet" if channels == 1 else "svhn"
     if kind == "lenet":
         f = LeNetEncoder(channels)
         return f, LeNetClassifier(num_classes, f.out_features)
