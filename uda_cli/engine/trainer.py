@@ -194,6 +194,7 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
     batches = PairedBatches(src, tgt, batch_size, seed=opts.seed)
 
     method = build_method(opts.method, cfg, spec)
+    method.total_steps = total  # for schedules inside a method (e.g. DANN's reversal ramp)
     method.nets.to(device)
     method.train()
     specs, optims, scheds, params = build_optimizers(method, total)

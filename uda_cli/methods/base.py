@@ -133,6 +133,7 @@ class Method:
         self.spec = spec
         self.nets: nn.ModuleDict = nn.ModuleDict(self.build())
         self._update: Callable[[str, "torch.Tensor"], None] | None = None
+        self.total_steps: int = config.steps  # the engine sets the run's real total before training
 
     # ---- what a method implements ------------------------------------------------------
     @classmethod
