@@ -1,3 +1,7 @@
 """Built-in methods. Adding one: a file here and one import line below."""
 
 from uda_cli.methods import source_only  # noqa: F401
+from uda_cli.methods import i2i  # noqa: F401
+from uda_cli.methods import pixelda  # noqa: F401
+from uda_cli.methods import dann  # noqa: F401
+from uda_cli.methods import dtn  # noqa: F401

@@ -1,0 +1,163 @@
+"""DTN: its losses by reference math, the two phases (f frozen after pretraining), a few CPU
+steps, a checkpoint round trip and exact resume across the phase switch."""
+
+from __future__ import annotations
+
+import math
+import signal
+
+import pytest
+import torch
+
+from uda_cli.config import EvaluateOptions, TrainOptions
+from uda_cli.data.registry import DIGIT_CLASSES
+from uda_cli.engine import checkpoint as ckpt
+from uda_cli.engine.evaluate import evaluate_checkpoint
+from uda_cli.engine.trainer import load_method, train
+from uda_cli.errors import ConfigError
+from uda_cli.methods.base import RunSpec
+from uda_cli.methods.dtn import DTN, const_loss, d_loss, gang_loss, tid_loss, tv_loss
+
+
+def opts(tmp_path, **kw):
+    params = {"pretrain_steps": 2, **kw.pop("params", {})}
+    base = dict(method="dtn", src="tiny-src", tgt="tiny-tgt", steps=4, batch_size=4, out=tmp_path / "run",
+                device="cpu", save_every=100, eval_every=0, log_every=1, params=params)
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+# ---- reference math -------------------------------------------------------------------------
+
+Z = torch.tensor([[0.0, 1.0, 3.0],
+                  [2.0, 2.0, 2.0],
+                  [0.0, 0.0, 5.0]])
+
+
+def test_tv_with_b1_on_a_hand_made_image():
+    # (i, j) = (0, 0): dx = 1, dy = 2 -> sqrt 5;  (0, 1): dx = 2, dy = 1 -> sqrt 5
+    # (1, 0): dx = 0, dy = -2 -> 2;              (1, 1): dx = 0, dy = -2 -> 2
+    expected = 2 * math.sqrt(5) + 4
+    assert tv_loss(Z[None, None], 1.0).item() == pytest.approx(expected, rel=1e-6)
+    # B = 2: plain sum of squares 5 + 5 + 4 + 4
+    assert tv_loss(Z[None, None], 2.0).item() == pytest.approx(18.0)
+    # mean over images, sum over channels: a blank second image halves it, a second
+    # channel equal to the first doubles it
+    two = torch.stack([Z[None], torch.zeros(1, 3, 3)])
+    assert tv_loss(two, 1.0).item() == pytest.approx(expected / 2, rel=1e-6)
+    assert tv_loss(torch.stack([Z, Z])[None], 1.0).item() == pytest.approx(2 * expected, rel=1e-6)
+
+
+def test_tv_gradient_is_finite_on_flat_images():
+    z = torch.zeros(2, 1, 4, 4, requires_grad=True)
+    tv_loss(z, 1.0).backward()
+    assert torch.isfinite(z.grad).all()
+
+
+def test_const_and_tid_are_mean_squared_errors():
+    f_x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    f_gx = torch.tensor([[1.0, 0.0], [0.0, 4.0]])
+    assert const_loss(f_x, f_gx).item() == pytest.approx((0 + 4 + 9 + 0) / 4)
+    x_t = torch.tensor([[[[1.0, -1.0], [0.5, 0.0]]]])
+    g_xt = torch.tensor([[[[0.0, -1.0], [-0.5, 1.0]]]])
+    assert tid_loss(x_t, g_xt).item() == pytest.approx((1 + 0 + 1 + 1) / 4)
+
+
+def test_three_way_adversarial_losses():
+    ln2, ln3 = math.log(2.0), math.log(3.0)
+    # logits [0, 0, ln 2]: softmax (1/4, 1/4, 1/2)
+    row = torch.tensor([[0.0, 0.0, ln2]])
+    # D wants class 1 for G(x_s) (-ln 1/4), class 2 for G(x_t) (-ln 1/4), class 3 for x_t (-ln 1/2)
+    assert d_loss(row, row, row).item() == pytest.approx(math.log(4) + math.log(4) + ln2, rel=1e-6)
+    # G wants class 3 for both: -ln 1/2 twice
+    assert gang_loss(row, row).item() == pytest.approx(2 * ln2, rel=1e-6)
+    # uniform logits: every term is ln 3; means over the batch
+    u = torch.zeros(5, 3)
+    assert d_loss(u, u[:2], u[:3]).item() == pytest.approx(3 * ln3, rel=1e-6)
+
+
+# ---- networks and channels ------------------------------------------------------------------
+
+def _method(channels, **cfg):
+    spec = RunSpec(task="classification", classes=DIGIT_CLASSES, channels=channels, image_size=(32, 32))
+    return DTN(DTN.Config(**cfg), spec)
+
+
+def test_shapes_and_grey_output_channels():
+    m = _method(3).eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert m.nets["f"](x).shape == (2, 128)
+    y = m.translate(x)
+    assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1
+    assert torch.equal(y[:, 0], y[:, 1]) and torch.equal(y[:, 0], y[:, 2])  # grey, repeated
+    assert m.nets["D"](x).shape == (2, 3) and m.predict(x).shape == (2, 10)
+    colour = _method(3, grey_output=False).eval().translate(x)
+    assert colour.shape == x.shape and not torch.equal(colour[:, 0], colour[:, 1])
+
+
+def test_colour_target_needs_colour_output():
+    with pytest.raises(ConfigError, match="grey_output=false"):
+        DTN.input_channels(DTN.Config(), 1, 3)
+    assert DTN.input_channels(DTN.Config(grey_output=False), 1, 3) == 3
+    assert DTN.input_channels(DTN.Config(), 3, 1) == 3  # SVHN -> MNIST: MNIST repeated to RGB
+
+
+# ---- training ---------------------------------------------------------------------------------
+
+def _check_round_trip(run_dir, result):
+    w = ckpt.resolve_checkpoint(run_dir)
+    m1, _ = load_method(w, torch.device("cpu"))
+    m2, meta = load_method(w, torch.device("cpu"))
+    assert meta["method"] == "dtn"
+    x = torch.rand(5, m1.spec.channels, 32, 32) * 2 - 1
+    assert torch.equal(m1.predict(x), m2.predict(x))
+    assert torch.equal(m1.translate(x), m2.translate(x))
+    report, _ = evaluate_checkpoint(EvaluateOptions(target=run_dir, device="cpu"))
+    assert report["accuracy"] == result.final_eval["accuracy"]
+
+
+def test_phases_freeze_round_trip_and_exact_resume_across_the_switch(tmp_path):
+    """Pretraining for 2 steps, then adversarial: losses of both phases are finite, f and its
+    head stay fixed after the switch while g, D and C train, the checkpoint reloads exactly,
+    and a run interrupted before the switch and resumed equals an uninterrupted one."""
+    full = train(opts(tmp_path, out=tmp_path / "full", save_every=2), interactive=False)
+    by_step = {rec["step"]: rec for rec in full.history}
+    assert set(by_step) == {1, 2, 3, 4}
+    assert math.isfinite(by_step[2]["f/cls"]) and "g/gan" not in by_step[2]  # step index 1: pretraining
+    for s in (3, 4):
+        assert "f/cls" not in by_step[s]
+        for k in ("d/adv", "g/gan", "g/const", "g/tid", "g/tv", "c/cls"):
+            assert math.isfinite(by_step[s][k]), (s, k)
+
+    d = tmp_path / "full" / "checkpoints"
+    at2, at4 = (ckpt.read_tensors(d / f"{ckpt.step_name(s)}.safetensors") for s in (2, 4))
+    for k in at2:
+        if k.startswith(("f.", "f_head.")):
+            assert torch.equal(at2[k], at4[k]), k
+    for prefix in ("g.", "D.", "C."):
+        assert any(not torch.equal(at2[k], at4[k]) for k in at2 if k.startswith(prefix)), prefix
+    _check_round_trip(tmp_path / "full", full)
+
+    def interrupt(step):
+        if step == 1:  # still pretraining f; the resumed run crosses the switch
+            signal.raise_signal(signal.SIGINT)
+
+    part = train(opts(tmp_path, out=tmp_path / "part"), callbacks=(interrupt,), interactive=False)
+    assert part.interrupted_by == signal.SIGINT and part.step == 1
+    resumed = train(opts(tmp_path, out=tmp_path / "part", resume="auto"), interactive=False)
+    assert resumed.step == 4
+    a = ckpt.read_tensors(ckpt.resolve_checkpoint(tmp_path / "full"))
+    b = ckpt.read_tensors(ckpt.resolve_checkpoint(tmp_path / "part"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed.final_eval["accuracy"] == full.final_eval["accuracy"]
+
+
+def test_colour_source_grey_target_the_papers_setting(tmp_path):
+    r = train(opts(tmp_path, src="tiny-rgb", steps=3, params={"pretrain_steps": 1}), interactive=False)
+    assert all(math.isfinite(v) for rec in r.history for v in rec.values())
+    assert r.history[-1].keys() >= {"d/adv", "g/gan", "g/const", "g/tid", "c/cls"}
+    _check_round_trip(tmp_path / "run", r)
+    m, meta = load_method(ckpt.resolve_checkpoint(tmp_path / "run"), torch.device("cpu"))
+    assert meta["spec"]["channels"] == 3 and m.nets["g"].net[-2].out_channels == 1

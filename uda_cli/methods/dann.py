@@ -1,0 +1,148 @@
+"""DANN: Ganin & Lempitsky, "Unsupervised Domain Adaptation by Backpropagation", ICML 2015;
+Ganin et al., "Domain-Adversarial Training of Neural Networks", JMLR 2016.
+
+Networks (the paper's figure): F (feature extractor G_f), C (label predictor G_y), D (domain
+classifier G_d). A gradient reversal layer R_lambda sits between F and D: identity forward,
+gradient times -lambda backward. With domain label d = 0 for source and 1 for target, one
+SGD step on
+
+    L = CE(C(F(x_s)), y_s) + CE(D(R(F(x_s))), 0) + CE(D(R(F(x_t))), 1)
+
+moves C and D down their own losses and F down ``L_y - lambda L_d`` (the saddle point of
+the paper's E(theta_f, theta_y, theta_d)): features that predict the label and that the
+domain classifier cannot tell apart. L_d is, as in the paper, the source mean plus the
+target mean.
+
+Schedules (the paper's image experiments): progress p = step / total steps goes 0 -> 1;
+lambda_p = 2 / (1 + exp(-gamma p)) - 1 with gamma = 10, so the noisy early domain signal
+is suppressed; the learning rate anneals as mu_p = mu_0 / (1 + 10 p)^0.75 with mu_0 = 0.01
+(the engine's ``lr_schedule="inv"``); SGD with momentum 0.9.
+
+The schedule needs the run's total steps, which ``--steps`` may set apart from
+``cfg.steps``: the engine sets ``method.total_steps`` before the loop (``cfg.steps`` until
+then). lambda depends on ``step`` alone, so
+a resumed run continues the ramp exactly.
+
+Defaults and departures:
+- Batch: the paper fills half of each 128-image batch with source and half with target;
+  the engine's batch size counts images per domain, so 64.
+- Backbone: as source-only, the DANN SVHN network when SVHN is involved, else the ADDA
+  LeNet (``uda_cli/models/digits.py``; see there for the SVHN net's batch norm, which the
+  paper lacks). The paper's MNIST network is a smaller LeNet variant (32/48 conv filters,
+  100-100 fc); we use the ADDA LeNet so that the DANN and source-only rows of a table
+  share one backbone.
+- D: three fc layers, hidden width 500 on the 500-d LeNet features (the usual 500-500-2 of
+  the ADDA/DANN digit re-implementations) and 1024 on the 3072-d SVHN features (the
+  paper's SVHN domain classifier, 1024-1024-2). Its input goes through the same ReLU that
+  starts C, since F's last layer is linear.
+- D's own gradient is not scaled by lambda: lambda only enters through the reversal layer,
+  the form the paper trains with (its gradient reversal layer for Caffe).
+- Steps: the paper gives no iteration count for digits; 10,000, as source-only, so both
+  rows of a table train equally long. No weight decay (the paper mentions none).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from uda_cli.methods.base import Method, MethodConfig, OptimSpec
+from uda_cli.methods.registry import register_method
+from uda_cli.models.digits import LeNetEncoder, digit_backbone
+
+
+class _GradReverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lambd: float) -> torch.Tensor:
+        ctx.lambd = lambd
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.neg() * ctx.lambd, None
+
+
+def grad_reverse(x: torch.Tensor, lambd: float) -> torch.Tensor:
+    """The gradient reversal layer R_lambda: forward identity, backward ``-lambda * grad``."""
+    return _GradReverse.apply(x, float(lambd))
+
+
+def grl_lambda(p: float, gamma: float = 10.0) -> float:
+    """The paper's ramp of the reversal weight: ``2 / (1 + exp(-gamma p)) - 1``, p in [0, 1]."""
+    return 2.0 / (1.0 + math.exp(-gamma * p)) - 1.0
+
+
+def domain_loss(logits_s: torch.Tensor, logits_t: torch.Tensor) -> torch.Tensor:
+    """L_d: mean CE of the source as domain 0 plus mean CE of the target as domain 1."""
+    zeros = torch.zeros(logits_s.shape[0], dtype=torch.long, device=logits_s.device)
+    ones = torch.ones(logits_t.shape[0], dtype=torch.long, device=logits_t.device)
+    return F.cross_entropy(logits_s, zeros) + F.cross_entropy(logits_t, ones)
+
+
+class DomainClassifier(nn.Module):
+    """ReLU - fc hidden - ReLU - fc hidden - ReLU - fc 2 on the (linear) encoder features."""
+
+    def __init__(self, in_features: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.ReLU(), nn.Linear(in_features, hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 2),
+        )
+
+    def forward(self, f):
+        return self.net(f)
+
+
+@register_method("dann")
+class DANN(Method):
+    """Networks: F (feature extractor), C (label predictor), D (domain classifier)."""
+
+    class Config(MethodConfig):
+        backbone: Literal["auto", "lenet", "svhn"] = Field(
+            "auto", description="auto: the DANN SVHN network when SVHN is involved, else LeNet"
+        )
+        steps: int = Field(10_000, gt=0)
+        batch_size: int = Field(64, gt=0, description="per domain: the paper's 128-image batch is half source, half target")
+        optimizer: Literal["adam", "sgd"] = "sgd"
+        lr: float = Field(0.01, gt=0, description="mu_0 of the annealing mu_0 / (1 + 10 p)^0.75")
+        momentum: float = Field(0.9, ge=0)
+        lr_schedule: Literal["constant", "step", "inv", "poly"] = "inv"
+        gamma: float = Field(10.0, gt=0, description="steepness of the reversal ramp 2/(1+exp(-gamma p))-1")
+        lambda_max: float = Field(1.0, ge=0, description="the reversal weight the ramp ends at")
+        d_hidden: int | None = Field(None, gt=0, description="D's hidden width (default: 500 on LeNet, 1024 on the SVHN net)")
+
+    def build(self):
+        f, c = digit_backbone(self.cfg.backbone, self.spec.channels, self.spec.num_classes, self.spec.domains)
+        hidden = self.cfg.d_hidden or (500 if isinstance(f, LeNetEncoder) else 1024)
+        return {"F": f, "C": c, "D": DomainClassifier(f.out_features, hidden)}
+
+    def optimizers(self):
+        # One SGD over all three: the GRL makes a single backward give each its update.
+        return {"main": OptimSpec.from_config(self.cfg, ("F", "C", "D"))}
+
+    def reversal_weight(self, step: int) -> float:
+        p = min(step / self.total_steps, 1.0)  # total_steps: the run's length, set by the engine
+        return self.cfg.lambda_max * grl_lambda(p, self.cfg.gamma)
+
+    def train_step(self, batch, step):
+        x_s, y_s, x_t = batch["x_s"], batch["y_s"], batch["x_t"]
+        n_s = x_s.shape[0]
+        lambd = self.reversal_weight(step)  # a host float from `step`: no sync
+        f = self.nets["F"](torch.cat([x_s, x_t]))
+        loss_y = F.cross_entropy(self.nets["C"](f[:n_s]), y_s)
+        d = self.nets["D"](grad_reverse(f, lambd))
+        loss_d = domain_loss(d[:n_s], d[n_s:])
+        self.update("main", loss_y + loss_d)
+        return {"c/cls": loss_y.detach(), "d/adv": loss_d.detach(),
+                "grl/lambda": torch.full((), lambd, device=x_s.device)}
+
+    def predict(self, x):
+        return self.nets["C"](self.nets["F"](x))
+
+    def features(self, x):
+        return self.nets["F"](x)

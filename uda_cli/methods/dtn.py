@@ -1,0 +1,202 @@
+"""DTN: Taigman, Polyak & Wolf, "Unsupervised Cross-Domain Image Generation", ICLR 2017.
+
+Networks (named as in the paper): f (a fixed encoder, pretrained as a source classifier
+with the head ``f_head``), g (a decoder to a 32x32 image), G = g o f, and D (a 3-way
+discriminator: class 1 "G of a source image", 2 "G of a target image", 3 "real target").
+The paper's digit networks are in ``uda_cli/models/dtn_nets.py``.
+
+Objective, with s the source and t the target batch:
+
+    L_D     = -E_s log D_1(G(x)) - E_t log D_2(G(x)) - E_t log D_3(x)
+    L_GANG  = -E_s log D_3(G(x)) - E_t log D_3(G(x))
+    L_CONST = E_s d(f(x), f(G(x)))          d = MSE
+    L_TID   = E_t d_2(x, G(x))              d_2 = MSE
+    L_TV(z) = sum_ij ((z_i,j+1 - z_ij)^2 + (z_i+1,j - z_ij)^2)^(B/2)   B = 1
+    L_G     = L_GANG + alpha L_CONST + beta L_TID + gamma L_TV
+
+D descends L_D, g descends L_G; f stays fixed (only g and D are trained adversarially).
+
+Phases (one loop; both derive from ``step``, so resume is exact): for
+``step < pretrain_steps`` f and f_head learn the source labels (CE); from then on f is frozen
+and each step updates D, then g, then C.
+
+Accuracy follows the paper's digit protocol: a classifier C trained on G(x_s) with
+the source labels and tested on real target images. C trains alongside g, on detached
+G(x_s), in its own optimizer group (the paper trains it after G; alongside keeps one loop,
+and at the end it has followed G's latest images for the whole adversarial phase).
+``predict`` is C, so ``uda evaluate`` reports the paper's number; ``features`` is C's
+encoder (the embedding behind those predictions).
+
+Channels: the paper's setting is SVHN (colour) -> MNIST (grey); its f reads 32x32 RGB and its
+g "maps ... to 32x32 grayscale images". A run has one channel count (colour when either
+domain is colour, grey images repeated), so f reads it as is; with ``grey_output`` (the
+default) g decodes one channel, repeated to the run's channels wherever an image is
+compared or shown (D, f, C, ``translate``): a real grey target repeated to RGB has equal
+channels, so D sees the same kind of image from both sides. With a colour target set
+``grey_output=false`` (g then decodes the run's channels); a colour target with
+``grey_output=true`` is refused at the start of the run.
+
+Defaults: alpha = beta = 15 and B = 1, the paper's digit setting; gamma = 0: TV is the
+paper's smoothing for its faces, we could not confirm a TV weight for digits, and the
+public re-implementation of the digit experiment (yunjey/domain-transfer-network) has no
+TV term. ``g/tv`` is logged either way and adds to L_G with ``--set gamma=...``. Where the paper is silent:
+Adam, lr 2e-4, betas (0.5, 0.999) for every group (DCGAN's, for these DCGAN-style
+networks); batch 128 per domain; 10,000 pretraining steps (source-only's length) then
+10,000 adversarial ones; C is the ADDA LeNet on grey G(x_s) (with colour output,
+source-only's choice of backbone). Losses are batch means: MSE averages over elements;
+L_TV sums over each image's pixels (the paper's sum_ij, where both differences exist) and
+channels of g's output, and averages over the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from uda_cli.errors import ConfigError
+from uda_cli.methods.base import Method, MethodConfig, OptimSpec
+from uda_cli.methods.registry import register_method
+from uda_cli.models.digits import digit_backbone
+from uda_cli.models.dtn_nets import DTNDecoder, DTNDiscriminator, DTNEncoder
+
+# D's classes (the paper's D_1, D_2, D_3).
+FAKE_S, FAKE_T, REAL_T = 0, 1, 2
+
+
+def tv_loss(z: torch.Tensor, b: float = 1.0) -> torch.Tensor:
+    """L_TV of ``z`` [N, C, H, W]: per image and channel, sum over (i, j) of
+    ``((z[i, j+1] - z[i, j])^2 + (z[i+1, j] - z[i, j])^2)^(b/2)``; mean over images."""
+    z = z.float()  # float32: the clamp below must not underflow in half precision
+    dx = z[:, :, :-1, 1:] - z[:, :, :-1, :-1]
+    dy = z[:, :, 1:, :-1] - z[:, :, :-1, :-1]
+    sq = dx.square() + dy.square()
+    # d/ds s^(b/2) is infinite at s = 0 for b < 2; the clamp keeps the gradient finite.
+    per_pixel = sq.clamp_min(1e-12).pow(b / 2) if b < 2 else sq.pow(b / 2)
+    return per_pixel.flatten(1).sum(1).mean()
+
+
+def const_loss(f_x: torch.Tensor, f_gx: torch.Tensor) -> torch.Tensor:
+    """L_CONST: MSE between f(x_s) and f(G(x_s))."""
+    return F.mse_loss(f_gx.float(), f_x.float())
+
+
+def tid_loss(x_t: torch.Tensor, g_xt: torch.Tensor) -> torch.Tensor:
+    """L_TID: MSE between a target image and G of it."""
+    return F.mse_loss(g_xt.float(), x_t.float())
+
+
+def _ce_to(logits: torch.Tensor, cls: int) -> torch.Tensor:
+    return F.cross_entropy(logits, torch.full((logits.shape[0],), cls, dtype=torch.long, device=logits.device))
+
+
+def d_loss(d_gs: torch.Tensor, d_gt: torch.Tensor, d_xt: torch.Tensor) -> torch.Tensor:
+    """L_D from D's logits on G(x_s), G(x_t) and x_t."""
+    return _ce_to(d_gs, FAKE_S) + _ce_to(d_gt, FAKE_T) + _ce_to(d_xt, REAL_T)
+
+
+def gang_loss(d_gs: torch.Tensor, d_gt: torch.Tensor) -> torch.Tensor:
+    """L_GANG: G wants D to call both G(x_s) and G(x_t) a real target image."""
+    return _ce_to(d_gs, REAL_T) + _ce_to(d_gt, REAL_T)
+
+
+@register_method("dtn")
+class DTN(Method):
+    """Networks: f (encoder), f_head (its pretraining classifier), g (decoder), D, C (task)."""
+
+    class Config(MethodConfig):
+        steps: int = Field(20_000, gt=0, description="pretraining steps included")
+        pretrain_steps: int = Field(10_000, ge=0, description="steps that train f as a source classifier before it is frozen")
+        alpha: float = Field(15.0, ge=0, description="weight of L_CONST")
+        beta: float = Field(15.0, ge=0, description="weight of L_TID")
+        gamma: float = Field(0.0, ge=0, description="weight of L_TV")
+        tv_b: float = Field(1.0, gt=0, description="exponent B of L_TV")
+        grey_output: bool = Field(True, description="g decodes one grey channel (the paper's MNIST target)")
+        classifier: Literal["auto", "lenet", "svhn"] = Field(
+            "auto", description="C, trained on G(x_s): auto is LeNet on grey G(x_s), else as source-only"
+        )
+
+    translates_images = True
+
+    @classmethod
+    def input_channels(cls, config, src_channels, tgt_channels):
+        if config.grey_output and tgt_channels == 3:
+            raise ConfigError("dtn: the target domain is colour but g outputs grey images; add --set grey_output=false")
+        return max(src_channels, tgt_channels)
+
+    def build(self):
+        if tuple(self.spec.image_size) != (32, 32):
+            raise ConfigError(f"dtn's networks are built for 32x32 images, not {self.spec.image_size}")
+        c = self.spec.channels
+        f = DTNEncoder(c)
+        kind = self.cfg.classifier
+        if kind == "auto" and self.cfg.grey_output:
+            kind = "lenet"  # G(x_s) is a grey digit (MNIST-like), whatever the source was
+        enc, head = digit_backbone(kind, c, self.spec.num_classes, self.spec.domains)
+        return {
+            "f": f,
+            "f_head": nn.Linear(f.out_features, self.spec.num_classes),
+            "g": DTNDecoder(1 if self.cfg.grey_output else c, f.out_features),
+            "D": DTNDiscriminator(c, 3),
+            "C": nn.Sequential(enc, head),
+        }
+
+    def optimizers(self):
+        spec = lambda *nets: OptimSpec.from_config(self.cfg, nets)  # noqa: E731
+        return {"f": spec("f", "f_head"), "g": spec("g"), "D": spec("D"), "C": spec("C")}
+
+    def _to_run_channels(self, img: torch.Tensor, channels: int | None = None) -> torch.Tensor:
+        c = channels or self.spec.channels
+        return img.expand(-1, c, -1, -1) if img.shape[1] == 1 and c != 1 else img
+
+    def train_step(self, batch, step):
+        x_s, y_s, x_t = batch["x_s"], batch["y_s"], batch["x_t"]
+        f, g, D = self.nets["f"], self.nets["g"], self.nets["D"]
+        if step < self.cfg.pretrain_steps:
+            f.requires_grad_(True)
+            loss = F.cross_entropy(self.nets["f_head"](f(x_s)), y_s)
+            self.update("f", loss)
+            return {"f/cls": loss.detach()}
+
+        # f is fixed from here on: gradients flow through it to G(x_s), never into it.
+        f.requires_grad_(False)
+        n_s, n_t = x_s.shape[0], x_t.shape[0]
+        with torch.no_grad():
+            z = f(torch.cat([x_s, x_t]))
+        raw = g(z)  # g's own output (one channel with grey_output), for L_TV
+        fake = self._to_run_channels(raw)
+        fake_s, fake_t = fake[:n_s], fake[n_s:]
+
+        # D: the three classes in one batch (its batch norm sees the same mix in both passes).
+        logits = D(torch.cat([fake.detach(), x_t]))
+        loss_d = d_loss(logits[:n_s], logits[n_s : n_s + n_t], logits[n_s + n_t :])
+        self.update("D", loss_d)
+
+        logits = D(torch.cat([fake, x_t]))
+        loss_gang = gang_loss(logits[:n_s], logits[n_s : n_s + n_t])
+        loss_const = const_loss(z[:n_s], f(fake_s))
+        loss_tid = tid_loss(x_t, fake_t)
+        loss_tv = tv_loss(raw, self.cfg.tv_b)
+        loss_g = loss_gang + self.cfg.alpha * loss_const + self.cfg.beta * loss_tid
+        if self.cfg.gamma:
+            loss_g = loss_g + self.cfg.gamma * loss_tv
+        self.update("g", loss_g)
+
+        # The paper's protocol: a classifier of G(x_s) with the source labels (detached: C
+        # must not shape G).
+        loss_c = F.cross_entropy(self.nets["C"](fake_s.detach()), y_s)
+        self.update("C", loss_c)
+        return {"d/adv": loss_d.detach(), "g/gan": loss_gang.detach(), "g/const": loss_const.detach(),
+                "g/tid": loss_tid.detach(), "g/tv": loss_tv.detach(), "c/cls": loss_c.detach()}
+
+    def predict(self, x):
+        return self.nets["C"](x)
+
+    def features(self, x):
+        return self.nets["C"][0](x)
+
+    def translate(self, x, noise=None):
+        return self._to_run_channels(self.nets["g"](self.nets["f"](x)), x.shape[1])
