@@ -151,7 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-root", type=Path, default=Path(tempfile.gettempdir()) / "uda-bench-data")
     ap.add_argument("--out", type=Path, help="keep run folders here (default: a temporary folder)")
     ap.add_argument("--json", type=Path, help="also write the raw rows here")
+    ap.add_argument("--from-json", type=Path, nargs="+", help="print one table from rows saved by earlier --json runs")
     args = ap.parse_args(argv)
+
+    if args.from_json:
+        rows = [r for f in args.from_json for r in json.loads(f.read_text())]
+        print(fmt_table(sorted(rows, key=lambda r: (r["method"], list(PAIRS).index(r["pair_key"]), r["seed"])),
+                        rows[0].get("budget", args.budget), rows[0].get("device", "?")))
+        return 0
 
     pairs = args.pairs.split(",")
     unknown = [p for p in pairs if p not in PAIRS]
@@ -168,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                 for seed in (int(s) for s in args.seeds.split(",")):
                     out = base / f"{method}_{key}_{args.budget}_s{seed}"
                     r = run_one(method, PAIRS[key], steps, seed, args.device, args.data_root, out, args.batch_size)
-                    r["pair_key"] = key
+                    r.update(pair_key=key, budget=args.budget, device=dev)
                     rows.append(r)
                     print(f"# {method} {key} seed {seed}: {100 * r['accuracy']:.2f}% in {r['wall_s']:.0f} s "
                           f"({r['img_s']:.0f} img/s)", file=sys.stderr, flush=True)
