@@ -63,10 +63,20 @@ PAPER = {
 
 # Steps per budget; None means the method's own default (its paper's schedule). A dict gives
 # steps per pair ("*": the rest). SVHN pairs use the wide SVHN network, ~10x slower on a CPU.
+# PARAMS gives hyperparameters a budget must change with its length (DTN's pretraining phase
+# must end well before a short run does).
 BUDGETS = {
-    "source-only": {"smoke": 20, "cpu": {"svhn-mnist": 600, "*": 2000}, "paper": None},
+    "source-only": {"smoke": 3, "cpu": {"svhn-mnist": 600, "*": 2000}, "paper": None},
+    "dann": {"smoke": 3, "cpu": {"svhn-mnist": 600, "*": 3000}, "paper": None},
+    "i2i": {"smoke": 3, "cpu": {"*": 2000}, "paper": None},
+    "pixelda": {"smoke": 3, "cpu": {"*": 2000}, "paper": None},
+    "dtn": {"smoke": 3, "cpu": {"*": 3000}, "paper": None},
 }
-DEFAULT_BUDGET = {"smoke": 20, "cpu": {"svhn-mnist": 600, "*": 2000}, "paper": None}
+DEFAULT_BUDGET = {"smoke": 3, "cpu": {"svhn-mnist": 600, "*": 2000}, "paper": None}
+PARAMS = {
+    ("dtn", "smoke"): {"pretrain_steps": 1},
+    ("dtn", "cpu"): {"pretrain_steps": 1000},
+}
 
 
 def budget_steps(method: str, budget: str, pair: str) -> int | None:
@@ -104,7 +114,7 @@ def device_name(device: str) -> str:
 
 
 def run_one(method: str, pair: Pair, steps: int | None, seed: int, device: str, data_root: Path, out: Path,
-            batch_size: int | None) -> dict:
+            batch_size: int | None, params: dict | None = None) -> dict:
     from uda_cli.config import EvaluateOptions, TrainOptions
     from uda_cli.engine.evaluate import evaluate_checkpoint
     from uda_cli.engine.trainer import train
@@ -113,7 +123,7 @@ def run_one(method: str, pair: Pair, steps: int | None, seed: int, device: str, 
     total = steps or 0
     opts = TrainOptions(method=method, src=pair.src, tgt=pair.tgt, steps=steps, batch_size=batch_size, seed=seed,
                         out=out, device=device, data_root=data_root, eval_every=0, save_every=10**9,
-                        log_every=max(total // 5, 50) if total else 500)
+                        log_every=max(total // 5, 50) if total else 500, params=params or {})
     result = train(opts, interactive=False)
     report, _ = evaluate_checkpoint(EvaluateOptions(target=out, domain=pair.eval, device=device, data_root=data_root))
     return {
@@ -174,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                 steps = args.steps or budget_steps(method, args.budget, key)
                 for seed in (int(s) for s in args.seeds.split(",")):
                     out = base / f"{method}_{key}_{args.budget}_s{seed}"
-                    r = run_one(method, PAIRS[key], steps, seed, args.device, args.data_root, out, args.batch_size)
+                    r = run_one(method, PAIRS[key], steps, seed, args.device, args.data_root, out, args.batch_size,
+                                PARAMS.get((method, args.budget)))
                     r.update(pair_key=key, budget=args.budget, device=dev)
                     rows.append(r)
                     print(f"# {method} {key} seed {seed}: {100 * r['accuracy']:.2f}% in {r['wall_s']:.0f} s "

@@ -1,0 +1,37 @@
+"""benchmarks/digits.py's smoke budget: every registered method trains and lands in the table."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+from uda_cli.methods.registry import list_methods
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_digits", REPO / "benchmarks" / "digits.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_smoke_budget_runs_every_method(tmp_path, capsys):
+    bench = load_bench()
+    methods = list_methods()
+    assert set(methods) <= set(bench.BUDGETS), "every method needs benchmark budgets"
+    rc = bench.main(["--methods", ",".join(methods), "--pairs", "mnist-usps", "--budget", "smoke", "--device", "cpu",
+                     "--batch-size", "8", "--data-root", str(tmp_path / "data"), "--json", str(tmp_path / "rows.json"),
+                     "--out", str(tmp_path / "runs")])
+    assert rc == 0
+    table = capsys.readouterr().out
+    rows = [l for l in table.splitlines() if l.startswith("| ") and "MNIST→USPS" in l]
+    assert sorted(l.split(" | ")[0].strip("| ") for l in rows) == sorted(methods)
+    for line in rows:
+        acc = float(line.split(" | ")[5].split(" ± ")[0])
+        assert 0.0 <= acc <= 100.0
+    rc = bench.main(["--from-json", str(tmp_path / "rows.json")])
+    assert rc == 0 and len([l for l in capsys.readouterr().out.splitlines() if "MNIST→USPS" in l]) == len(methods)
