@@ -60,10 +60,10 @@ def test_bad_integer_is_one_line(capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--steps" in err
 
 
-def test_not_built_commands_say_so(capsys):
-    for cmd in ("adapt-images", "tsne"):
+def test_missing_argument_is_one_line(capsys):
+    for cmd in ("adapt-images", "tsne", "evaluate"):
         code, _, err = run([cmd], capsys)
-        assert code != 0 and "not built yet" in err and len(err.strip().splitlines()) == 1
+        assert code == 2 and "Missing argument" in err and len(err.strip().splitlines()) == 1
 
 
 def test_config_file_and_flags_override(tmp_path, capsys):

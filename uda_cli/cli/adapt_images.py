@@ -1,16 +1,45 @@
-"""`uda adapt-images`: not built yet (the image-translation methods come first)."""
+"""`uda adapt-images`: write a translated copy of a source domain as a dataset."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from uda_cli.errors import NotBuiltError
+from uda_cli.cli.options import DataRoot, Device
+from uda_cli.errors import UDAError
 
 
 def adapt_images(
-    checkpoint: Annotated[Optional[str], typer.Argument(help="A run folder or checkpoint of a translating method.")] = None,
+    target: Annotated[Path, typer.Argument(metavar="RUN_OR_CHECKPOINT", help="A run folder (its latest checkpoint) or a .safetensors checkpoint of a translating method (i2i, pixelda, dtn).")],
+    out: Annotated[Path, typer.Option("--out", help="Export folder; train on it with --src folder:OUT. Call again with the same arguments to finish an interrupted export.", show_default=False)],
+    domain: Annotated[Optional[str], typer.Option("--domain", help="NAME[:split] to translate [the run's source training split].", show_default=False)] = None,
+    samples_per_image: Annotated[Optional[int], typer.Option("--samples-per-image", help="Translations per image, each with its own noise (methods with a noise input, e.g. pixelda) [1].", show_default=False)] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Translate only the first N images of the split.", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seeds the noise: image i, sample k gets the same noise on every call [0].", show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per batch [256].", show_default=False)] = None,
+    data_root: DataRoot = None,
+    device: Device = None,
 ) -> None:
-    """Write a translated copy of a source dataset (not built yet)."""
-    raise NotBuiltError("`uda adapt-images` is not built yet: it arrives with the image-translation methods (i2i, pixelda, dtn)")
+    """Translate a source domain with a trained translator and write it as a folder dataset."""
+    from uda_cli.config import AdaptImagesOptions
+
+    fields = dict(target=target, out=out, domain=domain, samples_per_image=samples_per_image, limit=limit, seed=seed,
+                  batch_size=batch_size, data_root=data_root, device=device)
+    opts = AdaptImagesOptions(**{k: v for k, v in fields.items() if v is not None})
+
+    from uda_cli.engine.adapt import adapt_images as export
+
+    try:
+        r = export(opts)
+    except KeyboardInterrupt:
+        # Every finished PNG is complete (atomic renames): the same call picks up from there.
+        e = UDAError(f"interrupted; {opts.out} keeps the images written so far: run the same command again to finish it")
+        e.exit_code = 130
+        raise e from None
+    m = r.manifest
+    print(f"{m['method']} step {m['step']} on {m['domain']}:{m['split']}: wrote {r.written} images, "
+          f"{r.skipped} already there; {m['num_images']} in {r.out}")
+    print(f"preview: {r.preview}")
+    print(f"train on it: uda train --src folder:{r.out} --tgt ...")

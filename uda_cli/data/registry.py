@@ -63,16 +63,30 @@ def list_domains() -> list[str]:
 
 
 def parse_domain(text: str) -> tuple[str, str | None]:
-    """``"usps:test"`` -> ``("usps", "test")``; ``"usps"`` -> ``("usps", None)``."""
+    """``"usps:test"`` -> ``("usps", "test")``; ``"usps"`` -> ``("usps", None)``.
+
+    ``folder:PATH[:SPLIT]`` keeps ``:`` inside PATH: see :func:`uda_cli.data.folder.split_folder_text`.
+    """
+    text = text.strip()
+    if text.startswith("folder:"):
+        from uda_cli.data.folder import split_folder_text
+
+        return split_folder_text(text)
     name, sep, split = text.partition(":")
     return name.strip(), (split.strip() if sep else None)
 
 
 def get_domain(name: str) -> DomainSpec:
+    if name.startswith("folder:"):
+        # Built on demand from the folder's contents (cached per resolved path), never
+        # registered: list_domains() names only the built-in domains.
+        from uda_cli.data.folder import folder_domain
+
+        return folder_domain(name)
     _ensure_builtin()
     if name not in _DOMAINS:
         known = ", ".join(sorted(_DOMAINS))
-        raise ConfigError(f"unknown domain {name!r}; known domains: {known}")
+        raise ConfigError(f"unknown domain {name!r}; known domains: {known}, or folder:PATH for your own images")
     return _DOMAINS[name]
 
 

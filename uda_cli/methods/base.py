@@ -125,6 +125,7 @@ class Method:
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     tasks: ClassVar[set[str]] = {"classification"}
     translates_images: ClassVar[bool] = False
+    has_noise_input: ClassVar[bool] = False  # translate() takes noise from sample_noise (PixelDA's z)
 
     def __init__(self, config: MethodConfig, spec: RunSpec):
         from torch import nn
@@ -159,6 +160,10 @@ class Method:
 
     def translate(self, x: "torch.Tensor", noise: "torch.Tensor | None" = None) -> "torch.Tensor":
         raise NotImplementedError(f"{self.name} does not translate images")
+
+    def sample_noise(self, n: int, like: "torch.Tensor") -> "torch.Tensor":
+        """``n`` noise inputs for ``translate`` on ``like``'s device, for methods with ``has_noise_input``."""
+        raise NotImplementedError(f"{self.name} has no noise input")
 
     def round_starts(self, total_steps: int) -> list[int]:
         """Steps at which a self-training round begins (``prepare_round`` runs there)."""

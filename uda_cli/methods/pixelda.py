@@ -130,6 +130,7 @@ class PixelDA(Method):
 
     tasks = {"classification"}
     translates_images = True
+    has_noise_input = True
 
     def build(self):
         c, size = self.spec.channels, self.spec.image_size
