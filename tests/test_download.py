@@ -1,9 +1,11 @@
 """`uda download` against a local HTTP server serving the real files in ../shared/data.
 
 The server (127.0.0.1, a free port) supports Range requests and can be told to cut a
-transfer off once, to ignore Range, to answer 404, or to serve corrupted bytes. Nothing
-here reaches beyond 127.0.0.1 (an autouse fixture refuses other hosts) or writes outside
-tmp_path. Archives are small tarballs built in the test, never the large MNIST-M ones.
+transfer off once, to ignore Range, to answer 404, to serve corrupted bytes or a web page,
+and to hand chosen paths to a function (test_download_datasets.py builds a fake login site
+on that). Nothing here reaches beyond 127.0.0.1 (an autouse fixture refuses other hosts) or
+writes outside tmp_path. Archives are small tarballs built in the test, never the large
+MNIST-M ones.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import zipfile
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from rich.console import Console
@@ -51,6 +54,10 @@ class ServerState:
     corrupt: set[str] = field(default_factory=set)  # URL paths served with one byte flipped
     ignore_range: bool = False
     requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range header)
+    # URL path -> a function given the request handler, for GET and POST (a fake login site).
+    routes: dict[str, Callable[[BaseHTTPRequestHandler], None]] = field(default_factory=dict)
+    targets: list[str] = field(default_factory=list)  # every request's target, query included
+    html: set[str] = field(default_factory=set)  # URL paths served as a web page (text/html)
 
     def body(self, path: str) -> bytes | None:
         if path in self.files:
@@ -71,9 +78,22 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:  # keep pytest output clean
         pass
 
+    def do_POST(self) -> None:
+        st: ServerState = self.server.state  # type: ignore[attr-defined]
+        st.targets.append(self.path)
+        path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
+        if path in st.routes:
+            st.routes[path](self)
+        else:
+            self.send_error(405)
+
     def do_GET(self) -> None:
         st: ServerState = self.server.state  # type: ignore[attr-defined]
+        st.targets.append(self.path)
         path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
+        if path in st.routes:
+            st.routes[path](self)
+            return
         range_header = self.headers.get("Range")
         st.requests.append((path, range_header))
         body = None if path in st.missing else st.body(path)
@@ -97,6 +117,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         else:
             self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8" if path in st.html else "application/octet-stream")
         self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
         data = body[start:]
@@ -116,11 +137,11 @@ def local_only(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     real_open = dl._open
 
-    def guarded(request):
+    def guarded(request, opener=None):
         parts = urllib.parse.urlsplit(request.full_url)
         if parts.scheme != "file" and parts.hostname != "127.0.0.1":
             raise urllib.error.URLError(f"network disabled in tests ({parts.hostname})")
-        return real_open(request)
+        return real_open(request, opener)
 
     monkeypatch.setattr(dl, "_open", guarded)
     monkeypatch.setattr(dl, "TIMEOUT_S", 5.0)
@@ -175,17 +196,23 @@ def usps_test(url: str) -> Dataset:
 # --------------------------------------------------------------------------------------
 
 
+KNOWN = "cityscapes, gta5, mnist, mnistm, office31, svhn, synthia, usps"
+
+
 def test_catalogue_shape():
-    assert dl.list_datasets() == ["mnist", "mnistm", "svhn", "usps"]
+    assert dl.list_datasets() == KNOWN.split(", ")
     for name in dl.list_datasets():
         ds = dl.get_dataset(name)
         assert ds.folder == name and ds.resources and ds.licence and ds.homepage
         for r in ds.resources:
+            if r.checksum is None:  # no published checksum: it says why, or where the site shows it
+                assert r.unpublished or r.md5_url
+                continue
             algorithm, digest = r.checksum
             assert len(digest) == {"sha256": 64, "md5": 32}[algorithm]
     assert [r.required for r in dl.get_dataset("mnistm").resources] == [True, True, False]
-    with pytest.raises(Exception, match="known datasets: mnist, mnistm, svhn, usps"):
-        dl.get_dataset("office31")
+    with pytest.raises(Exception, match=f"known datasets: {KNOWN}"):
+        dl.get_dataset("office-31")
 
 
 @needs_shared
@@ -522,9 +549,9 @@ def test_command_rejects_unknown_datasets_and_bad_mirrors(tmp_path):
     from typer.testing import CliRunner
 
     runner = CliRunner()
-    result = runner.invoke(_app(), ["download", "mnist", "office31", "--data-root", str(tmp_path)])
+    result = runner.invoke(_app(), ["download", "mnist", "office-31", "--data-root", str(tmp_path)])
     assert isinstance(result.exception, ValidationError)
-    assert "known datasets: mnist, mnistm, svhn, usps" in str(result.exception)
+    assert f"known datasets: {KNOWN}" in str(result.exception)
 
     result = runner.invoke(_app(), ["download", "--data-root", str(tmp_path)])
     assert isinstance(result.exception, ValidationError)

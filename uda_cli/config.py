@@ -59,6 +59,9 @@ class TrainOptions(Options):
     eval_every: int = Field(default=1000, ge=0, description="0 turns periodic evaluation off")
     log_every: int = Field(default=50, gt=0)
     keep_checkpoints: int = Field(default=3, ge=1, description="periodic checkpoints kept (the latest always is)")
+    log_format: Literal["auto", "text", "json"] = Field(
+        default="auto", description="auto: a progress bar on a terminal, text elsewhere; json: one object per line"
+    )
     resume: str | None = Field(default=None, description="'auto' or a checkpoint path")
     params: dict[str, Any] = Field(default_factory=dict, description="method hyperparameters")
 
@@ -116,7 +119,12 @@ class EvaluateOptions(Options):
 
 
 class DownloadOptions(Options):
-    datasets: list[str] = Field(description="dataset names, e.g. mnist usps")
+    # list_only and verify come first: the datasets check reads them (pydantic validates in order).
+    list_only: bool = Field(default=False, description="show every dataset, its size, licence and status; fetch nothing")
+    verify: bool = Field(default=False, description="audit the copy under the data root; fetch nothing")
+    datasets: list[str] = Field(
+        default_factory=list, validate_default=True, description="dataset names, e.g. mnist usps"
+    )
     data_root: Path | None = None
     mirrors: list[str] = Field(default_factory=list, description="base URLs or folders tried before the official URLs")
     force: bool = False
@@ -124,10 +132,10 @@ class DownloadOptions(Options):
 
     @field_validator("datasets")
     @classmethod
-    def _known_datasets(cls, v: list[str]) -> list[str]:
+    def _known_datasets(cls, v: list[str], info) -> list[str]:  # info: pydantic ValidationInfo
         from uda_cli.data.download import get_dataset, list_datasets
 
-        if not v:
+        if not v and not info.data.get("list_only"):
             raise ValueError(f"name at least one dataset: {', '.join(list_datasets())}")
         for name in v:
             try:
@@ -146,6 +154,81 @@ class DownloadOptions(Options):
                     raise ValueError(f"{m}: a mirror is an http(s):// or file:// URL, or a folder")
             elif not Path(m).expanduser().is_dir():
                 raise ValueError(f"{m} is not a folder; a mirror is an http(s):// or file:// URL, or a folder")
+        return v
+
+    @field_validator("verify")
+    @classmethod
+    def _one_mode(cls, v: bool, info) -> bool:
+        if v and info.data.get("list_only"):
+            raise ValueError("--list and --verify do different things; pass one of them")
+        return v
+
+    @field_validator("force")
+    @classmethod
+    def _force(cls, v: bool, info) -> bool:
+        if v and (info.data.get("list_only") or info.data.get("verify")):
+            raise ValueError("--list and --verify fetch nothing; drop --force")
+        return v
+
+
+def _existing_target(v: Path) -> Path:
+    if not v.exists():
+        raise ValueError(f"{v} does not exist; pass a run folder (runs/NAME) or a .safetensors checkpoint")
+    return v
+
+
+class AdaptImagesOptions(Options):
+    target: Path = Field(description="a run folder or checkpoint of a method that translates images")
+    out: Path = Field(description="the export folder; `--src folder:OUT` reads it back")
+    domain: str | None = Field(default=None, description="NAME[:split] to translate; default: the run's source split")
+    samples_per_image: int = Field(default=1, gt=0, description="translations per source image (methods with a noise input)")
+    limit: int | None = Field(default=None, gt=0, description="translate only the first N images of the split")
+    seed: int = Field(default=0, ge=0, description="seeds the noise: sample k of image i is the same on every call")
+    batch_size: int = Field(default=256, gt=0)
+    data_root: Path | None = None
+    device: str = "auto"
+
+    _device = field_validator("device")(_check_device)
+    _target = field_validator("target")(_existing_target)
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, v: str | None) -> str | None:
+        return None if v is None else _check_domain(v)
+
+    @field_validator("out")
+    @classmethod
+    def _out(cls, v: Path) -> Path:
+        if v.exists() and not v.is_dir():
+            raise ValueError(f"{v} is a file; pass a new or empty folder, or an earlier export to finish it")
+        return v
+
+
+class TsneOptions(Options):
+    target: Path = Field(description="a run folder or a checkpoint file")
+    src: str | None = Field(default=None, description="NAME[:split]; default: the run's source, test split")
+    tgt: str | None = Field(default=None, description="NAME[:split]; default: the run's target, test split")
+    out: Path | None = Field(default=None, description="output folder; default: <run>/tsne")
+    samples: int = Field(default=1000, gt=0, description="up to this many images per domain, class-balanced")
+    perplexity: float = Field(default=30.0, gt=0)
+    seed: int = Field(default=0, ge=0, description="seeds the draw, the embedding and the domain classifier")
+    batch_size: int = Field(default=512, gt=0)
+    data_root: Path | None = None
+    device: str = "auto"
+
+    _device = field_validator("device")(_check_device)
+    _target = field_validator("target")(_existing_target)
+
+    @field_validator("src", "tgt")
+    @classmethod
+    def _domains(cls, v: str | None) -> str | None:
+        return None if v is None else _check_domain(v)
+
+    @field_validator("out")
+    @classmethod
+    def _out(cls, v: Path | None) -> Path | None:
+        if v is not None and v.exists() and not v.is_dir():
+            raise ValueError(f"{v} is a file; pass a folder")
         return v
 
 
