@@ -5,6 +5,15 @@
 - usage errors from the parser print one line, exit 2;
 - anything else is a bug: one line, exit 1, and ``UDA_DEBUG=1`` shows the traceback.
 
+Exit statuses (the README lists them too): 0 success; 1 an error (a ``UDAError`` such as a
+missing dataset or a bad checkpoint, or an internal error); 2 bad options or usage; 130,
+143, 138: a run stopped by SIGINT, SIGTERM or SIGUSR1 after writing a checkpoint (128 +
+signal number). No command ever prompts: everything comes from flags, files and the
+environment, so every command runs unattended.
+
+Launched as one of several processes (``torchrun``, ``srun``), only rank 0 writes to
+stdout; errors still reach stderr from every rank.
+
 Nothing here imports torch: ``uda --help`` answers at once.
 """
 
@@ -66,8 +75,16 @@ def _err(msg: str) -> None:
         console.print(f"[bold red]error:[/] {escape(line)}", highlight=False)
 
 
+def _quiet_other_ranks() -> None:
+    from uda_cli.engine.distributed import launched_rank  # no torch at import
+
+    if launched_rank() > 0 and getattr(sys.stdout, "name", None) != os.devnull:
+        sys.stdout = open(os.devnull, "w")  # rank 0 speaks for the job
+
+
 def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("UDA_DEBUG") == "1"
+    _quiet_other_ranks()
     command = typer.main.get_command(app)
     try:
         rv = command.main(args=argv, prog_name="uda", standalone_mode=False)

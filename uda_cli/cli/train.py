@@ -1,14 +1,28 @@
-"""`uda train`: one run of a method on a source -> target pair."""
+"""`uda train`: one run of a method on a source -> target pair.
+
+Exit status: 0 done; 2 bad options; 1 another error (one line on stderr); 130, 143 or 138
+when SIGINT, SIGTERM or SIGUSR1 stopped the run after writing a checkpoint (128 + the
+signal number; continue with ``--resume auto``). Under ``torchrun`` or ``srun`` every rank
+exits with the same status and only rank 0 prints.
+"""
 
 from __future__ import annotations
 
+import json
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from uda_cli.cli.options import BatchSize, DataRoot, Device
+
+
+class LogFormat(str, Enum):
+    auto = "auto"
+    text = "text"
+    json = "json"
 
 
 def train(
@@ -26,12 +40,14 @@ def train(
     save_every: Annotated[Optional[int], typer.Option("--save-every", help="Checkpoint every N steps [1000].", show_default=False)] = None,
     eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Evaluate on the target every N steps, 0 never [1000].", show_default=False)] = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="'auto' continues the run in --out if it has a checkpoint; or a checkpoint path.", show_default=False)] = None,
+    log_format: Annotated[Optional[LogFormat], typer.Option("--log-format", envvar="UDA_LOG_FORMAT", help="auto: a progress bar on a terminal, plain lines elsewhere; text; json: one JSON object per log line (stderr) and the result as JSON (stdout) [auto].", show_default=False)] = None,
 ) -> None:
     """Train METHOD on labelled SRC and unlabelled TGT, then print the target accuracy."""
     from uda_cli.config import merge_train_options, parse_set
 
     flags = dict(method=method, src=src, tgt=tgt, steps=steps, batch_size=batch_size, seed=seed, out=out,
-                 data_root=data_root, device=device, save_every=save_every, eval_every=eval_every, resume=resume)
+                 data_root=data_root, device=device, save_every=save_every, eval_every=eval_every, resume=resume,
+                 log_format=log_format.value if log_format else None)
     opts = merge_train_options(config, flags, parse_set(set_))
 
     from uda_cli.engine.trainer import train as run_train  # torch is imported from here on
@@ -39,7 +55,17 @@ def train(
     result = run_train(opts)
     if result.interrupted_by is not None:
         raise typer.Exit(128 + int(result.interrupted_by))
+    if result.rank != 0:  # rank 0 speaks for the job
+        return
     report = result.final_eval or {}
+    if opts.log_format == "json":
+        summary = {"kind": "result", "run_dir": str(result.run_dir), "checkpoint": str(result.checkpoint),
+                   "step": result.step, "method": opts.method, "src": opts.src, "tgt": opts.tgt, "seed": opts.seed,
+                   "world_size": result.world_size}
+        summary.update({k: report[k] for k in ("domain", "accuracy", "mean_class_accuracy", "num_samples") if k in report})
+        print(json.dumps(summary))
+        sys.stdout.flush()
+        return
     print(f"run folder: {result.run_dir}")
     print(f"checkpoint: {result.checkpoint}")
     if report:

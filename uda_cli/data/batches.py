@@ -5,12 +5,17 @@ device-side generator, gathered and normalised on the device: no DataLoader work
 host sync per step. A stream's position (permutation, cursor, generator state) is part of
 every checkpoint, so a resumed run draws exactly the batches an uninterrupted one would.
 
-Sharding for distributed runs is built in: every rank draws the same *global* batch of
-``batch_size * world_size`` indices (same seed, same generator) and keeps its own slice, so
-two ranks with batch B see exactly the samples a single process with batch 2B sees.
+Sharding for distributed runs is built in (:class:`ShardedIndices`): every rank draws the
+same *global* batch of ``batch_size * world_size`` indices (same seed, same generator) and
+keeps its own slice, so two ranks with batch B see exactly the samples a single process
+with batch 2B sees, in the same order, and a checkpoint's stream state is the same on every
+rank (it does not depend on the number of ranks).
 
 A streaming stream (segmentation datasets, later) implements the same three methods:
-``next()``, ``state_dict()``, ``load_state_dict()``.
+``next()``, ``state_dict()``, ``load_state_dict()``. It shards the same way: a
+:class:`ShardedIndices` is also an infinite ``batch_sampler`` for a
+``torch.utils.data.DataLoader`` (it yields this rank's index lists), the role
+``DistributedSampler`` plays elsewhere, with a state that resumes exactly.
 """
 
 from __future__ import annotations
@@ -78,6 +83,30 @@ class IndexStream:
         self.gen.set_state(s["gen"])
 
 
+class ShardedIndices:
+    """This rank's slice of each global batch of ``batch_size * world_size`` shuffled indices."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, device="cpu", world_size: int = 1, rank: int = 0):
+        if batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size:
+            raise ValueError(f"bad sharding: batch {batch_size}, rank {rank} of {world_size}")
+        self.batch_size, self.world_size, self.rank = batch_size, world_size, rank
+        self.stream = IndexStream(n, seed, device)
+
+    def next(self) -> torch.Tensor:
+        idx = self.stream.take(self.batch_size * self.world_size)
+        return idx[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+
+    def __iter__(self):  # as a DataLoader batch_sampler
+        while True:
+            yield self.next().tolist()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, s: dict[str, torch.Tensor]) -> None:
+        self.stream.load_state_dict(s)
+
+
 class PairedBatches:
     """``{"x_s", "y_s", "x_t", "idx_t"}`` batches: labelled source, unlabelled target.
 
@@ -92,16 +121,12 @@ class PairedBatches:
         self.batch_size, self.world_size, self.rank = batch_size, world_size, rank
         device = src.images.device
         # Different seeds per stream: the source and target orders are independent.
-        self.streams = {"src": IndexStream(len(src), seed * 2 + 1, device),
-                        "tgt": IndexStream(len(tgt), seed * 2 + 2, device)}
-
-    def _local(self, stream: IndexStream) -> torch.Tensor:
-        idx = stream.take(self.batch_size * self.world_size)
-        return idx[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        self.streams = {"src": ShardedIndices(len(src), batch_size, seed * 2 + 1, device, world_size, rank),
+                        "tgt": ShardedIndices(len(tgt), batch_size, seed * 2 + 2, device, world_size, rank)}
 
     def next(self) -> dict[str, torch.Tensor]:
-        i_s = self._local(self.streams["src"])
-        i_t = self._local(self.streams["tgt"])
+        i_s = self.streams["src"].next()
+        i_t = self.streams["tgt"].next()
         return {
             "x_s": normalize(self.src.images[i_s]),
             "y_s": self.src.labels[i_s],

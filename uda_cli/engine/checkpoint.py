@@ -10,6 +10,9 @@ A checkpoint at step N is two files in ``<run>/checkpoints/``:
 - ``step-0000000N.state.safetensors``: what resuming needs beyond the weights: optimizer
   and lr-schedule state, the batch streams' positions, and the python/numpy/torch RNG
   states. Tensors are stored as tensors; the rest (param groups, scalars) as JSON metadata.
+  A run on several processes stores every rank's RNG state (``rng_ranks``, gathered by
+  rank 0, which alone writes checkpoints) beside rank 0's (``rng``); the weights, optimizer
+  and stream states are the same on every rank.
 
 Each file is written to a temporary name, fsynced and renamed, and only then does the
 ``latest`` pointer (a one-line text file, also replaced atomically) name the new step: a
@@ -144,6 +147,19 @@ def set_rng_state(s: dict[str, Any]) -> None:
     torch.set_rng_state(s["torch"])
     if s["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"][: torch.cuda.device_count()])
+
+
+def pack_state(obj: Any) -> bytes:
+    """A nested state (dicts, lists, tensors, scalars) as safetensors bytes, to send between ranks."""
+    tensors: dict[str, torch.Tensor] = {}
+    structure = _split_state("s", obj, tensors)
+    return st_save(tensors, metadata={"format": FORMAT, "state": json.dumps(structure)})
+
+
+def unpack_state(data: bytes) -> Any:
+    header_len = int.from_bytes(data[:8], "little")
+    meta = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+    return _join_state(json.loads(meta["state"]), st_load(data))
 
 
 # ---- save / load -----------------------------------------------------------------------------

@@ -1,4 +1,9 @@
-"""Evaluate any classification checkpoint on any labelled domain of the same classes."""
+"""Evaluate any classification checkpoint on any labelled domain of the same classes.
+
+Launched on several processes (``torchrun -m uda_cli evaluate ...``), each rank predicts a
+share of the images, the confusion matrices are summed, and rank 0 writes the report: the
+same numbers as one process.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,9 @@ from typing import Any
 from uda_cli.config import EvaluateOptions
 from uda_cli.data.registry import get_domain, load_domain, parse_domain, resolve_split
 from uda_cli.engine import checkpoint as ckpt
+from uda_cli.engine import distributed
 from uda_cli.engine.metrics import evaluate_classifier
-from uda_cli.engine.runtime import autocast_for, resolve_device
+from uda_cli.engine.runtime import autocast_for
 from uda_cli.errors import ConfigError
 
 
@@ -18,7 +24,8 @@ def evaluate_checkpoint(opts: EvaluateOptions) -> tuple[dict[str, Any], Path | N
     from uda_cli.engine.trainer import load_method, write_eval
 
     weights = ckpt.resolve_checkpoint(opts.target)
-    device = resolve_device(opts.device)
+    dist = distributed.setup(opts.device)
+    device = dist.device
     method, meta = load_method(weights, device)
     if method.spec.task != "classification":
         raise ConfigError(f"{weights} is a {method.spec.task} checkpoint; `uda evaluate` reports classification only so far")
@@ -29,9 +36,11 @@ def evaluate_checkpoint(opts: EvaluateOptions) -> tuple[dict[str, Any], Path | N
     if spec.classes != method.spec.classes:
         raise ConfigError(f"{name} has classes {spec.classes}, the checkpoint {method.spec.classes}; pick a domain of the same classes")
     images, labels = load_domain(name, split, opts.data_root, channels=method.spec.channels, size=method.spec.image_size)
-    report = evaluate_classifier(method, images.to(device), labels.to(device), opts.batch_size, autocast_for(device))
+    report = evaluate_classifier(method, images.to(device), labels.to(device), opts.batch_size, autocast_for(device), dist)
     report = {"method": meta["method"], "checkpoint": str(weights), "step": meta["step"], "domain": f"{name}:{split}", **report}
     written: Path | None = None
+    if not dist.is_main:
+        return report, None
     if opts.json_path:
         written = opts.json_path
         ckpt.atomic_write_bytes(written, (json.dumps(report, indent=2) + "\n").encode())

@@ -1,10 +1,17 @@
-"""Run logging: a rich progress bar on a terminal, plain lines elsewhere, and metrics.jsonl.
+"""Run logging: metrics.jsonl, and the console in one of three formats (``--log-format``).
+
+- ``auto`` (default): a rich progress bar on a terminal; ``text`` when stderr is not one.
+- ``text``: one plain line per log record on stderr; no bar, no colour, no cursor moves.
+- ``json``: one JSON object per line on stderr: the ``train``/``eval`` records that also go
+  to metrics.jsonl, and ``{"kind": "info", "time", "message"}`` for everything else.
 
 ``metrics.jsonl`` holds one JSON object per line: ``{"kind": "train", "step", "time",
 "lr/<group>", "<loss>", "it_s", "img_s"}`` every ``log_every`` steps and ``{"kind":
 "eval", "step", "domain", "accuracy", ...}`` after each evaluation. On resume, records of
 steps after the checkpoint (written by the interrupted run) are dropped first, so the file
-reads as one uninterrupted run.
+reads as one uninterrupted run. In a run on several processes only rank 0 logs (a logger
+with ``enabled=False`` writes nothing); losses are means over the ranks and ``img_s``
+counts the images of all ranks.
 """
 
 from __future__ import annotations
@@ -36,13 +43,22 @@ def truncate_metrics(path: Path, max_step: int) -> None:
     path.write_text("".join(k + "\n" for k in kept))
 
 
+LOG_FORMATS = ("auto", "text", "json")
+
+
 class RunLogger:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, interactive: bool | None = None,
-                 enabled: bool = True):
+                 enabled: bool = True, fmt: str = "auto"):
+        if fmt not in LOG_FORMATS:
+            raise ValueError(f"log format {fmt!r} is not one of {', '.join(LOG_FORMATS)}")
         self.path = run_dir / "metrics.jsonl"
         self.enabled = enabled
         self.console = stderr_console()
-        self.interactive = self.console.is_terminal if interactive is None else interactive
+        self.json = fmt == "json"
+        if fmt == "auto":  # ``interactive`` (tests, callers) overrides the terminal check
+            self.interactive = self.console.is_terminal if interactive is None else interactive
+        else:
+            self.interactive = False
         self.total, self.start = total_steps, start_step
         self._progress = None
         self._task = None
@@ -79,10 +95,24 @@ class RunLogger:
         if self._progress is not None:
             self._progress.update(self._task, completed=step)
 
+    @staticmethod
+    def _line(text: str) -> None:
+        # One write per line: print() writes the text and the newline separately, and stderr
+        # is unbuffered, so lines of processes sharing a pipe (torchrun, srun) could interleave.
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+    def _emit_json(self, record: dict[str, Any]) -> None:
+        self._line(json.dumps(record))
+
     def train(self, step: int, values: dict[str, float], it_s: float, img_s: float) -> None:
         if not self.enabled:
             return
-        self.write({"kind": "train", "step": step, "time": time.time(), **values, "it_s": it_s, "img_s": img_s})
+        record = {"kind": "train", "step": step, "time": time.time(), **values, "it_s": it_s, "img_s": img_s}
+        self.write(record)
+        if self.json:
+            self._emit_json(record)
+            return
         losses = " ".join(f"{k} {v:.4f}" for k, v in values.items() if not k.startswith("lr/"))
         rate = f"{it_s:.1f} it/s {img_s:.0f} img/s"
         if self._progress is not None:
@@ -93,14 +123,20 @@ class RunLogger:
     def eval(self, step: int, domain: str, report: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.write({"kind": "eval", "step": step, "time": time.time(), "domain": domain,
-                    "accuracy": report["accuracy"], "mean_class_accuracy": report["mean_class_accuracy"]})
+        record = {"kind": "eval", "step": step, "time": time.time(), "domain": domain,
+                  "accuracy": report["accuracy"], "mean_class_accuracy": report["mean_class_accuracy"]}
+        self.write(record)
+        if self.json:
+            self._emit_json(record)
+            return
         self.info(f"step {step}: {domain} accuracy {100 * report['accuracy']:.2f}%")
 
     def info(self, msg: str) -> None:
         if not self.enabled:
             return
-        if self._progress is not None:
+        if self.json:
+            self._emit_json({"kind": "info", "time": time.time(), "message": msg})
+        elif self._progress is not None:
             self._progress.console.print(msg, markup=False, highlight=False)
         else:
-            print(msg, file=sys.stderr, flush=True)
+            self._line(msg)

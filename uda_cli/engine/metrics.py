@@ -31,13 +31,21 @@ def classification_report(cm: torch.Tensor, classes: tuple[str, ...] | list[str]
 
 
 @torch.no_grad()
-def evaluate_classifier(method, images: torch.Tensor, labels: torch.Tensor, batch_size: int, autocast) -> dict[str, Any]:
+def evaluate_classifier(method, images: torch.Tensor, labels: torch.Tensor, batch_size: int, autocast,
+                        dist=None) -> dict[str, Any]:
     """Top-1 accuracy, per-class accuracy and the confusion matrix of ``method.predict``.
 
     ``images`` are uint8 on the evaluation device; nothing leaves the device until the end.
+    With ``dist`` (a :class:`~uda_cli.engine.distributed.Dist` of several ranks) each rank
+    predicts its contiguous share of the images and the confusion matrices are summed over
+    the ranks: every rank gets the report a single process computes over all the images
+    (counts are integers, so the sum is exact).
     """
     from uda_cli.data.transforms import normalize
 
+    if dist is not None and dist.world_size > 1:
+        share = dist.shard(images.shape[0])
+        images, labels = images[share], labels[share]
     was_training = method.nets.training
     method.eval()
     k = method.spec.num_classes
@@ -49,4 +57,6 @@ def evaluate_classifier(method, images: torch.Tensor, labels: torch.Tensor, batc
             cm += confusion_matrix(logits.argmax(1), labels[i : i + batch_size], k)
     finally:
         method.train(was_training)
+    if dist is not None:
+        dist.all_reduce_sum_(cm)
     return classification_report(cm, method.spec.classes)

@@ -13,6 +13,17 @@ Interruption: SIGINT, SIGTERM and SIGUSR1 let the current step finish, write a c
 checkpoint and return; the command then exits with 128 + the signal number (130, 143, 138)
 so a scheduler can requeue and ``--resume auto`` continue. A second SIGINT stops at once,
 keeping the last complete checkpoint.
+
+Several processes (``torchrun``, or ``srun`` tasks; see ``engine/distributed.py``): every
+rank runs this same loop on its slice of each global batch (``batch_size`` images per
+domain per rank, ``batch_size * world_size`` per step in all); ``update`` averages the
+group's gradients over the ranks before clipping and stepping, so every rank holds the same
+weights and optimizer state. Rank 0 alone writes config.json, metrics.jsonl, checkpoints,
+evaluation reports and progress; evaluation is sharded over the ranks and summed. Dropout,
+noise and augmentation draw from a per-rank RNG seeded from (seed, rank); a checkpoint keeps
+every rank's RNG state, so a resume on as many ranks is exact. A signal reaching any rank
+stops all of them after the same step (``StopVote``): they write one checkpoint together
+(rank 0 writes, all wait for it) and exit with the same status.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -33,9 +45,10 @@ from uda_cli.config import TrainOptions, method_config
 from uda_cli.data.batches import InMemoryDomain, PairedBatches
 from uda_cli.data.registry import DomainSpec, get_domain, load_domain, parse_domain, resolve_split
 from uda_cli.engine import checkpoint as ckpt
+from uda_cli.engine import distributed
 from uda_cli.engine.logging import RunLogger
 from uda_cli.engine.metrics import evaluate_classifier
-from uda_cli.engine.runtime import autocast_for, configure_backends, resolve_device, seed_everything
+from uda_cli.engine.runtime import autocast_for, configure_backends, seed_everything
 from uda_cli.errors import CheckpointError, ConfigError, UDAError
 from uda_cli.methods.base import Method, MethodConfig, OptimSpec, RoundContext, RunSpec
 from uda_cli.methods.registry import get_method
@@ -49,8 +62,10 @@ class RunResult:
     final_eval: dict[str, Any] | None = None
     interrupted_by: int | None = None  # signal number, when a signal stopped the run
     train_seconds: float = 0.0  # time in training steps (evaluation and checkpoints excluded)
-    images_seen: int = 0  # source + target images this call trained on
+    images_seen: int = 0  # source + target images this call trained on (all ranks)
     history: list[dict[str, Any]] = field(default_factory=list)
+    rank: int = 0  # this process's rank (0 in a single-process run): only rank 0 reports
+    world_size: int = 1
 
 
 # ---- method construction ----------------------------------------------------------------------
@@ -175,12 +190,14 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
 
     run_dir = opts.run_dir()
     ckpt_dir = run_dir / "checkpoints"
+    dist = distributed.setup(opts.device)  # one process, or the process group of this launch
+    world = dist.world_size
     resume_from = _find_resume(opts, ckpt_dir)
     resume_meta = ckpt.read_metadata(resume_from) if resume_from else None
     if resume_meta:
-        _check_resume_compatible(resume_meta, opts, cfg, batch_size, resume_from)
+        _check_resume_compatible(resume_meta, opts, cfg, batch_size, resume_from, world)
 
-    device = resolve_device(opts.device)
+    device = dist.device
     configure_backends(device)
     autocast = autocast_for(device)
     seed_everything(opts.seed)
@@ -191,12 +208,20 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
     src = load(src_spec, src_split)
     tgt = load(tgt_spec, tgt_split)
     tgt_eval = tgt if tgt_eval_split == tgt_split else load(tgt_spec, tgt_eval_split)
-    batches = PairedBatches(src, tgt, batch_size, seed=opts.seed)
+    batches = PairedBatches(src, tgt, batch_size, seed=opts.seed, world_size=world, rank=dist.rank)
 
     method = build_method(opts.method, cfg, spec)
     method.total_steps = total  # for schedules inside a method (e.g. DANN's reversal ramp)
     method.nets.to(device)
     method.train()
+    buffers = list(method.nets.buffers())
+    if world > 1:
+        # Same seed, same initial weights on every rank already; broadcasting rank 0's makes
+        # that a guarantee (as DDP does) whatever a network's initialisation draws.
+        dist.broadcast_([*method.nets.parameters(), *buffers])
+        # From here on each rank draws its own dropout masks, noise and augmentations: with
+        # one stream for all, every rank would apply the same masks to different images.
+        seed_everything(distributed.rank_seed(opts.seed, dist.rank))
     specs, optims, scheds, params = build_optimizers(method, total)
 
     def update(name: str, loss: torch.Tensor) -> None:
@@ -207,13 +232,17 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
         # Backward outside autocast, as PyTorch recommends; the forward ran under it.
         with torch.autocast(device.type, enabled=False):
             loss.backward()
+        # Average this group's gradients over the ranks: the mean over the global batch. Only
+        # this group's: the gradients a backward leaves on other groups (a GAN's G step
+        # reaching D) are discarded by their own update's zero_grad, reduced or not.
+        dist.all_reduce_grads(params[name])
         if specs[name].grad_clip:
             torch.nn.utils.clip_grad_norm_(params[name], specs[name].grad_clip)
         opt.step()
 
     method._update = update
 
-    start = 0
+    start, rng_note = 0, None
     if resume_from:
         ckpt.load_weights_into(method, ckpt.read_tensors(resume_from), resume_from)
         state = ckpt.read_train_state(resume_from)
@@ -221,45 +250,65 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
             opt.load_state_dict(state["optim"][g])
             scheds[g].load_state_dict(state["sched"][g])
         batches.load_state_dict(state["batches"])
-        ckpt.set_rng_state(state["rng"])
         start = resume_meta["step"]
+        rng_note = _restore_rng(state, dist, opts.seed, start)
+
+    global_batch = batch_size * world
 
     meta = {
         "method": opts.method,
         "config": cfg.model_dump(mode="json"),
         "spec": spec.to_json(),
-        "options": {**opts.model_dump(mode="json"), "steps": total, "batch_size": batch_size},
+        "options": {**opts.model_dump(mode="json"), "steps": total, "batch_size": batch_size, "world_size": world,
+                    "global_batch_size": global_batch},
         "src": f"{src_spec.name}:{src_split}",
         "tgt": f"{tgt_spec.name}:{tgt_split}",
         "tgt_eval": f"{tgt_spec.name}:{tgt_eval_split}",
     }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps({**meta, "uda_version": __version__, "device": str(device)}, indent=2) + "\n")
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps({**meta, "uda_version": __version__, "device": str(device)},
+                                                        indent=2) + "\n")
 
     def save(step: int) -> Path:
+        # Every rank takes part (its RNG state is gathered); rank 0 alone writes.
+        rng = ckpt.rng_state()
         state = {
             "optim": {g: o.state_dict() for g, o in optims.items()},
             "sched": {g: s.state_dict() for g, s in scheds.items()},
             "batches": batches.state_dict(),
-            "rng": ckpt.rng_state(),
+            "rng": rng,
         }
-        return ckpt.save_checkpoint(ckpt_dir, step, method, meta, state, keep=opts.keep_checkpoints)
+        if world > 1:
+            packed = dist.gather_bytes(ckpt.pack_state(rng))
+            state["rng_ranks"] = [ckpt.unpack_state(b) for b in packed] if dist.is_main else []
+        if dist.is_main:
+            return ckpt.save_checkpoint(ckpt_dir, step, method, meta, state, keep=opts.keep_checkpoints)
+        return ckpt_dir / f"{ckpt.step_name(step)}.safetensors"
 
     def evaluate(step: int) -> dict[str, Any]:
-        report = evaluate_classifier(method, tgt_eval.images, tgt_eval.labels, 512, autocast)
+        report = evaluate_classifier(method, tgt_eval.images, tgt_eval.labels, 512, autocast, dist)
         logger.eval(step, meta["tgt_eval"], report)
         return {"domain": meta["tgt_eval"], **report}
 
     rounds = sorted(method.round_starts(total))
-    result = RunResult(run_dir=run_dir, step=start, checkpoint=resume_from)
-    imgs_per_step = 2 * batch_size
-    with RunLogger(run_dir, total, start, interactive=interactive) as logger, StopFlag() as stop:
+    result = RunResult(run_dir=run_dir, step=start, checkpoint=resume_from, rank=dist.rank, world_size=world)
+    imgs_per_step = 2 * global_batch
+    vote = dist.stop_vote()
+    with RunLogger(run_dir, total, start, interactive=interactive, enabled=dist.is_main,
+                   fmt=opts.log_format) as logger, StopFlag() as stop:
+        if world > 1:
+            logger.info(f"distributed: {dist.describe()}; {batch_size} images per domain per process, "
+                        f"global batch {global_batch} per domain per step")
         if resume_from:
             logger.info(f"resumed from {resume_from} at step {start}")
+            if rng_note:
+                logger.info(rng_note)
         past = [r for r in rounds if r < start]
         if past and start not in rounds:  # resumed mid-round: reload what the round prepared
             method.prepare_round(RoundContext(run_dir, rounds.index(past[-1]), start, True, tgt, device, autocast))
         sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}  # steps that reported each loss (phases report different ones)
         n_acc, t_last = 0, time.perf_counter()
         step = start
         while step < total:
@@ -267,15 +316,32 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
                 method.prepare_round(RoundContext(run_dir, rounds.index(step), step, False, tgt, device, autocast))
             with autocast():
                 losses = method.train_step(batches.next(), step)
-            for s in scheds.values():
-                s.step()
+            if buffers and world > 1:
+                dist.broadcast_(buffers)  # rank 0's BN running statistics everywhere (DDP's broadcast_buffers)
+            with warnings.catch_warnings():
+                # The lr is a function of the global step, also for a group that did not step
+                # this time (e.g. DTN's frozen f): torch's "scheduler before optimizer" warning
+                # does not apply.
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+                for s in scheds.values():
+                    s.step()
             for k, v in losses.items():
-                sums[k] = sums[k] + v.float() if k in sums else v.float()
+                if k in sums:
+                    sums[k] = sums[k] + v.float()
+                    counts[k] += 1
+                else:
+                    sums[k], counts[k] = v.float(), 1
             n_acc += 1
             step += 1
             result.step = step
             if step % opts.log_every == 0 or step == total:
-                values = dict(zip(sums, torch.stack(list(sums.values())).div(n_acc).tolist())) if sums else {}
+                values = {}
+                if sums:
+                    # Means over the log interval and over the ranks (the loss of the global batch):
+                    # every rank sees the same values, so all agree on the finiteness check below.
+                    per_key = torch.tensor([counts[k] for k in sums], dtype=torch.float32, device=device)
+                    means = dist.all_reduce_mean_(torch.stack(list(sums.values())).div(per_key))
+                    values = dict(zip(sums, means.tolist()))
                 bad = [k for k, v in values.items() if not math.isfinite(v)]
                 if bad:
                     last = ckpt_dir / "latest"
@@ -289,7 +355,7 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
                 it_s = n_acc / max(now - t_last, 1e-9)
                 logger.train(step, values, it_s, it_s * imgs_per_step)
                 result.history.append({"step": step, **values})
-                sums, n_acc, t_last = {}, 0, now
+                sums, counts, n_acc, t_last = {}, {}, 0, now
             else:
                 logger.advance(step)
             t_pause = time.perf_counter()
@@ -300,18 +366,40 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
             t_last += time.perf_counter() - t_pause  # throughput counts training time only
             for cb in callbacks:
                 cb(step)
-            if stop.signum is not None and step < total:
+            signum = vote.poll(stop.signum)  # the same answer on every rank, at the same step
+            if signum is not None and step < total:
                 if step % opts.save_every:
                     result.checkpoint = save(step)
-                result.interrupted_by = stop.signum
-                logger.info(f"stopped by signal {stop.signum} at step {step}; checkpoint {result.checkpoint}; "
+                dist.barrier()  # no rank leaves (and lets a launcher tear the job down) before the write
+                result.interrupted_by = signum
+                logger.info(f"stopped by signal {signum} at step {step}; checkpoint {result.checkpoint}; "
                             f"continue with --resume auto")
                 return result
+        vote.drain()
         if step == start and start == total and resume_from:
             logger.info(f"run already complete at step {total}")
         result.final_eval = evaluate(step)
-        write_eval(run_dir / "eval", meta["tgt_eval"], step, result.final_eval, result.checkpoint)
+        if dist.is_main:
+            write_eval(run_dir / "eval", meta["tgt_eval"], step, result.final_eval, result.checkpoint)
+        dist.barrier()
     return result
+
+
+def _restore_rng(state: dict[str, Any], dist: "distributed.Dist", seed: int, step: int) -> str | None:
+    """Put back this rank's RNG state; a note when that cannot be exact (another number of ranks)."""
+    by_rank = state.get("rng_ranks") or []
+    if len(by_rank) == dist.world_size:
+        ckpt.set_rng_state(by_rank[dist.rank])
+        return None
+    if not by_rank and dist.world_size == 1:
+        ckpt.set_rng_state(state["rng"])
+        return None
+    # Resumed on another number of ranks: the data order is unchanged (it depends on the global
+    # batch only), but dropout/noise streams cannot be split or merged: fresh per-rank seeds.
+    seed_everything(distributed.rank_seed(seed, dist.rank, step))
+    saved = max(len(by_rank), 1)
+    return (f"the checkpoint was written by {saved} process(es), this run has {dist.world_size}: same data order, "
+            f"fresh dropout/noise random streams (not bit-identical to an uninterrupted run)")
 
 
 def write_eval(folder: Path, domain: str, step: int, report: dict[str, Any], checkpoint: Path | None) -> Path:
@@ -323,7 +411,7 @@ def write_eval(folder: Path, domain: str, step: int, report: dict[str, Any], che
 
 
 def _check_resume_compatible(meta: dict[str, Any], opts: TrainOptions, cfg: MethodConfig, batch_size: int,
-                             path: Path) -> None:
+                             path: Path, world_size: int = 1) -> None:
     saved = meta.get("options", {})
     diffs = []
     if meta["method"] != opts.method:
@@ -331,8 +419,14 @@ def _check_resume_compatible(meta: dict[str, Any], opts: TrainOptions, cfg: Meth
     for k in ("src", "tgt", "seed"):
         if saved.get(k) != getattr(opts, k):
             diffs.append(f"{k} {saved.get(k)} vs {getattr(opts, k)}")
-    if saved.get("batch_size") != batch_size:
-        diffs.append(f"batch size {saved.get('batch_size')} vs {batch_size}")
+    # What must match is the global batch (per-rank batch x ranks): it fixes the data order.
+    saved_world = int(saved.get("world_size", 1))
+    if saved.get("batch_size", 0) * saved_world != batch_size * world_size:
+        if saved_world == 1 and world_size == 1:
+            diffs.append(f"batch size {saved.get('batch_size')} vs {batch_size}")
+        else:
+            diffs.append(f"global batch size {saved.get('batch_size')} x {saved_world} processes vs "
+                         f"{batch_size} x {world_size}")
     if meta["config"] != cfg.model_dump(mode="json"):
         diffs.append("method hyperparameters")
     if diffs:
