@@ -125,6 +125,8 @@ def run_one(method: str, pair: Pair, steps: int | None, seed: int, device: str, 
                         out=out, device=device, data_root=data_root, eval_every=0, save_every=10**9,
                         log_every=max(total // 5, 50) if total else 500, params=params or {})
     result = train(opts, interactive=False)
+    if result.interrupted_by is not None:  # a signal stopped the run: its row would be a partial run
+        raise SystemExit(128 + int(result.interrupted_by))
     report, _ = evaluate_checkpoint(EvaluateOptions(target=out, domain=pair.eval, device=device, data_root=data_root))
     return {
         "method": method, "pair": pair.label, "seed": seed, "steps": result.step, "accuracy": report["accuracy"],
