@@ -7,42 +7,24 @@ from uda_cli.data.registry import DIGIT_CLASSES, DomainSpec, register_domain
 
 DIGITS_SIZE = (32, 32)
 
-register_domain(DomainSpec(
-    name="mnist", task="classification", classes=DIGIT_CLASSES, channels=1,
-    image_size=DIGITS_SIZE, splits=("train", "test"), train_split="train", eval_split="test",
-    dataset="mnist", reader=digits.read_mnist,
-    description="MNIST handwritten digits, 60,000 train / 10,000 test, 28x28 grey",
-))
-register_domain(DomainSpec(
-    name="usps", task="classification", classes=DIGIT_CLASSES, channels=1,
-    image_size=DIGITS_SIZE, splits=("train", "test"), train_split="train", eval_split="test",
-    dataset="usps", reader=digits.read_usps,
-    description="USPS postal digits, 7,291 train / 2,007 test, 16x16 grey",
-))
-register_domain(DomainSpec(
-    name="svhn", task="classification", classes=DIGIT_CLASSES, channels=3,
-    image_size=DIGITS_SIZE, splits=("train", "test"), train_split="train", eval_split="test",
-    dataset="svhn", reader=digits.read_svhn,
-    description="SVHN cropped house numbers, 73,257 train / 26,032 test, 32x32 colour",
-))
-register_domain(DomainSpec(
-    name="mnistm", task="classification", classes=DIGIT_CLASSES, channels=3,
-    image_size=DIGITS_SIZE, splits=("train", "test"), train_split="train", eval_split="test",
-    dataset="mnistm", reader=digits.read_mnistm,
-    description="MNIST-M: MNIST blended with BSDS500 patches, 59,001 train / 9,001 test, 32x32 colour",
-))
-register_domain(DomainSpec(
-    name="mnist2000", task="classification", classes=DIGIT_CLASSES, channels=1,
-    image_size=DIGITS_SIZE, splits=("train", "test"), train_split="train", eval_split="test",
-    dataset=None, reader=lambda _folder, split: digits.read_embedded("mnist2000", split),
-    description="ADDA protocol: 2,000 MNIST train digits (fixed seed); test: 2,000 MNIST test digits. Ships with uda",
-))
-register_domain(DomainSpec(
-    name="usps1800", task="classification", classes=DIGIT_CLASSES, channels=1,
-    image_size=DIGITS_SIZE, splits=("train", "test"), train_split="train", eval_split="test",
-    dataset=None, reader=lambda _folder, split: digits.read_embedded("usps1800", split),
-    description="ADDA protocol: 1,800 USPS train digits (fixed seed); test: the full USPS test set (2,007). Ships with uda",
-))
+
+def _digits(name: str, channels: int, dataset: str | None, reader, description: str) -> None:
+    register_domain(DomainSpec(
+        name=name, task="classification", classes=DIGIT_CLASSES, channels=channels, image_size=DIGITS_SIZE,
+        splits=("train", "test"), train_split="train", eval_split="test", dataset=dataset, reader=reader,
+        description=description,
+    ))
+
+
+_digits("mnist", 1, "mnist", digits.read_mnist, "MNIST handwritten digits, 60,000 train / 10,000 test, 28x28 grey")
+_digits("usps", 1, "usps", digits.read_usps, "USPS postal digits, 7,291 train / 2,007 test, 16x16 grey")
+_digits("svhn", 3, "svhn", digits.read_svhn, "SVHN cropped house numbers, 73,257 train / 26,032 test, 32x32 colour")
+_digits("mnistm", 3, "mnistm", digits.read_mnistm,
+        "MNIST-M: MNIST blended with BSDS500 patches, 59,001 train / 9,001 test, 32x32 colour")
+_digits("mnist2000", 1, None, lambda _folder, split: digits.read_embedded("mnist2000", split),
+        "ADDA protocol: 2,000 MNIST train digits (fixed seed); test: 2,000 MNIST test digits. Ships with uda")
+_digits("usps1800", 1, None, lambda _folder, split: digits.read_embedded("usps1800", split),
+        "ADDA protocol: 1,800 USPS train digits (fixed seed); test: the full USPS test set (2,007). Ships with uda")
 
 # Office-31: one split, "all", used for training and evaluation as every Office-31 UDA paper
 # does. The reader resizes each image to 224x224 while reading (the photos vary in size), and
