@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from uda_cli.data.registry import DIGIT_CLASSES, DomainSpec, _DOMAINS, register_domain
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# One intra-op thread in this process and every subprocess a test starts: tests compare
+# weights bit for bit across processes (interrupt in one, resume in another), and float
+# reductions split differently with a different thread count. It also keeps test processes
+# from oversubscribing a 2-core machine.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 
 def _tiny(n: int, channels: int, seed: int, shift: int):
