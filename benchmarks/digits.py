@@ -66,7 +66,7 @@ PAPER = {
 # PARAMS gives hyperparameters a budget must change with its length (DTN's pretraining phase
 # must end well before a short run does).
 BUDGETS = {
-    "source-only": {"smoke": 3, "cpu": {"svhn-mnist": 600, "*": 2000}, "paper": None},
+    "source-only": {"smoke": 3, "cpu": {"svhn-mnist": 600, "*": 2000}, "paper": 10_000},  # ADDA's scripts
     "dann": {"smoke": 3, "cpu": {"svhn-mnist": 600, "*": 3000}, "paper": None},
     "i2i": {"smoke": 3, "cpu": {"*": 2000}, "paper": None},
     "pixelda": {"smoke": 3, "cpu": {"*": 2000}, "paper": None},
