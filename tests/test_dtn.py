@@ -17,6 +17,7 @@ from uda_cli.engine.trainer import load_method, train
 from uda_cli.errors import ConfigError
 from uda_cli.methods.base import RunSpec
 from uda_cli.methods.dtn import DTN, const_loss, d_loss, gang_loss, tid_loss, tv_loss
+from _checks import assert_same_weights
 
 
 def opts(tmp_path, **kw):
@@ -146,11 +147,7 @@ def test_phases_freeze_round_trip_and_exact_resume_across_the_switch(tmp_path):
     assert part.interrupted_by == signal.SIGINT and part.step == 1
     resumed = train(opts(tmp_path, out=tmp_path / "part", resume="auto"), interactive=False)
     assert resumed.step == 4
-    a = ckpt.read_tensors(ckpt.resolve_checkpoint(tmp_path / "full"))
-    b = ckpt.read_tensors(ckpt.resolve_checkpoint(tmp_path / "part"))
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_same_weights(tmp_path / "full", tmp_path / "part")
     assert resumed.final_eval["accuracy"] == full.final_eval["accuracy"]
 
 

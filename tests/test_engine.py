@@ -14,6 +14,7 @@ from uda_cli.config import TrainOptions
 from uda_cli.engine import checkpoint as ckpt
 from uda_cli.engine.trainer import load_method, train
 from uda_cli.errors import CheckpointError, ConfigError
+from _checks import assert_same_weights
 
 
 def opts(tmp_path, **kw):
@@ -21,10 +22,6 @@ def opts(tmp_path, **kw):
                 device="cpu", save_every=5, eval_every=6, log_every=3)
     base.update(kw)
     return TrainOptions(**base)
-
-
-def weights(run_dir):
-    return ckpt.read_tensors(ckpt.resolve_checkpoint(run_dir))
 
 
 def test_run_writes_checkpoints_metrics_and_eval(tmp_path):
@@ -84,10 +81,7 @@ def test_interrupt_then_resume_equals_uninterrupted(tmp_path, src):
     resumed = train(opts(tmp_path, src=src, out=tmp_path / "part", steps=2 * n, save_every=100, eval_every=0,
                          resume="auto"), interactive=False)
     assert resumed.step == 2 * n
-    a, b = weights(tmp_path / "full"), weights(tmp_path / "part")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_same_weights(tmp_path / "full", tmp_path / "part")
     assert resumed.final_eval["accuracy"] == full.final_eval["accuracy"]
     steps = [json.loads(l)["step"] for l in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
              if json.loads(l)["kind"] == "train"]

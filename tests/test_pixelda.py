@@ -15,6 +15,7 @@ from uda_cli.engine.trainer import build_optimizers, load_method, train
 from uda_cli.methods.base import RunSpec
 from uda_cli.methods.pixelda import PixelDA, foreground_mask, masked_pmse
 from uda_cli.models.pixelda_nets import GaussianNoise, PixelDADiscriminator
+from _checks import assert_same_weights
 
 # Small networks keep the CPU runs fast; the architecture is the same.
 SMALL = {"g_filters": 8, "g_blocks": 1, "d_filters": 8, "task_net": "lenet"}
@@ -249,9 +250,5 @@ def test_interrupt_then_resume_equals_uninterrupted(tmp_path):
     resumed = train(opts(tmp_path, out=tmp_path / "part", steps=2 * n, save_every=100, resume="auto"),
                     interactive=False)
     assert resumed.step == 2 * n
-    a = ckpt.read_tensors(ckpt.resolve_checkpoint(tmp_path / "full"))
-    b = ckpt.read_tensors(ckpt.resolve_checkpoint(tmp_path / "part"))
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_same_weights(tmp_path / "full", tmp_path / "part")
     assert resumed.final_eval["accuracy"] == full.final_eval["accuracy"]

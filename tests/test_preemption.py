@@ -21,6 +21,7 @@ from uda_cli.cli.app import main
 from uda_cli.config import TrainOptions
 from uda_cli.engine import checkpoint as ckpt
 from uda_cli.engine.trainer import train
+from _checks import assert_same_weights
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 14
@@ -56,12 +57,6 @@ def cli(args, capsys):
     return e.value.code, out.out, out.err
 
 
-def assert_equal(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-
 @pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGUSR1, 138)])
 def test_signal_checkpoints_exits_with_its_status_and_resumes_exactly(tmp_path, capsys, monkeypatch, reference,
                                                                       sig, status):
@@ -75,7 +70,7 @@ def test_signal_checkpoints_exits_with_its_status_and_resumes_exactly(tmp_path, 
     monkeypatch.delenv("UDA_TEST_SIGNAL_AT")
     code, _, err = cli(argv(run, "--resume", "auto", "--log-format", "text"), capsys)
     assert code == 0, err
-    assert_equal(ckpt.read_tensors(ckpt.resolve_checkpoint(run)), reference)
+    assert_same_weights(ckpt.read_tensors(ckpt.resolve_checkpoint(run)), reference)
 
 
 def test_sigkill_keeps_the_last_complete_checkpoint(tmp_path, reference, test_methods):
@@ -91,7 +86,7 @@ def test_sigkill_keeps_the_last_complete_checkpoint(tmp_path, reference, test_me
                                  device="cpu", params={"dropout": 0.3}, eval_every=0, out=run, resume="auto"),
                     interactive=False)
     assert resumed.step == STEPS
-    assert_equal(ckpt.read_tensors(ckpt.resolve_checkpoint(run)), reference)
+    assert_same_weights(ckpt.read_tensors(ckpt.resolve_checkpoint(run)), reference)
 
 
 def test_sigterm_on_one_rank_stops_every_rank_and_resumes_exactly(tmp_path_factory):
@@ -106,7 +101,7 @@ def test_sigterm_on_one_rank_stops_every_rank_and_resumes_exactly(tmp_path_facto
     state = ckpt.read_train_state(ckpt_dir / f"{ckpt.step_name(step)}.safetensors")
     assert len(state["rng_ranks"]) == 2 and not torch.equal(state["rng_ranks"][0]["torch"], state["rng_ranks"][1]["torch"])
     assert launch.status("resume") == {0: 0, 1: 0} and launch.status("reference") == {0: 0, 1: 0}, launch.log
-    assert_equal(ckpt.read_tensors(ckpt.resolve_checkpoint(launch.root / "stop")),
+    assert_same_weights(ckpt.read_tensors(ckpt.resolve_checkpoint(launch.root / "stop")),
                  ckpt.read_tensors(ckpt.resolve_checkpoint(launch.root / "reference")))
     recs = [json.loads(l) for l in (launch.root / "stop" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in recs if r["kind"] == "train"]

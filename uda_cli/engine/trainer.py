@@ -296,7 +296,11 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
     imgs_per_step = 2 * global_batch
     vote = dist.stop_vote()
     with RunLogger(run_dir, total, start, interactive=interactive, enabled=dist.is_main,
-                   fmt=opts.log_format) as logger, StopFlag() as stop:
+                   fmt=opts.log_format) as logger, StopFlag() as stop, warnings.catch_warnings():
+        # The lr is a function of the global step, also for a group that did not step (e.g.
+        # DTN's frozen f during pretraining): torch's "scheduler before optimizer" warning does
+        # not apply. Filtered once for the loop, not per step.
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
         if world > 1:
             logger.info(f"distributed: {dist.describe()}; {batch_size} images per domain per process, "
                         f"global batch {global_batch} per domain per step")
@@ -318,13 +322,8 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
                 losses = method.train_step(batches.next(), step)
             if buffers and world > 1:
                 dist.broadcast_(buffers)  # rank 0's BN running statistics everywhere (DDP's broadcast_buffers)
-            with warnings.catch_warnings():
-                # The lr is a function of the global step, also for a group that did not step
-                # this time (e.g. DTN's frozen f): torch's "scheduler before optimizer" warning
-                # does not apply.
-                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
-                for s in scheds.values():
-                    s.step()
+            for s in scheds.values():
+                s.step()
             for k, v in losses.items():
                 if k in sums:
                     sums[k] = sums[k] + v.float()
