@@ -28,10 +28,12 @@ def test_smoke_budget_runs_every_method(tmp_path, capsys):
                      "--out", str(tmp_path / "runs")])
     assert rc == 0
     table = capsys.readouterr().out
+    header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
+    acc_col = header.index("target acc % (mean ± std)")
     rows = [l for l in table.splitlines() if l.startswith("| ") and "MNIST→USPS" in l]
     assert sorted(l.split(" | ")[0].strip("| ") for l in rows) == sorted(methods)
     for line in rows:
-        acc = float(line.split(" | ")[5].split(" ± ")[0])
+        acc = float(line.strip("|").split("|")[acc_col].split(" ± ")[0])
         assert 0.0 <= acc <= 100.0
     rc = bench.main(["--from-json", str(tmp_path / "rows.json")])
     assert rc == 0 and len([l for l in capsys.readouterr().out.splitlines() if "MNIST→USPS" in l]) == len(methods)

@@ -144,3 +144,32 @@ def test_nonfinite_loss_stops_with_a_clear_error(tmp_path):
         train(opts(tmp_path, steps=30, log_every=10, params={"lr": 1e30}), interactive=False)
     # the checkpoints written before the blow-up are still there
     assert (tmp_path / "run" / "checkpoints" / "latest").exists()
+
+
+def test_an_update_backpropagates_only_into_its_own_group(tmp_path):
+    """A G step through D and T must not touch their gradients (the engine passes the group's
+    parameters as autograd ``inputs``): D's weight gradients are work no optimizer uses."""
+    import _methods
+    from uda_cli.methods.registry import _METHODS
+
+    checked = []
+
+    class Probe(_methods.GANForTests):
+        def update(self, name, loss):
+            before = {n: [None if p.grad is None else p.grad.clone() for p in self.nets[n].parameters()]
+                      for n in ("D", "T")}
+            super().update(name, loss)
+            if name == "G":
+                for n, grads in before.items():
+                    after = [p.grad for p in self.nets[n].parameters()]
+                    assert all(a is not None and b is not None and torch.equal(a, b) for a, b in zip(after, grads)), n
+                assert all(p.grad is not None for p in self.nets["G"].parameters())
+                checked.append(name)
+
+    Probe.name = "test-gan-probe"
+    _METHODS["test-gan-probe"] = Probe
+    try:
+        r = train(opts(tmp_path, method="test-gan-probe", steps=3, eval_every=0), interactive=False)
+    finally:
+        del _METHODS["test-gan-probe"]
+    assert r.step == 3 and checked == ["G"] * 3

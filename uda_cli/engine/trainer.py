@@ -229,9 +229,14 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
             raise KeyError(f"{method.name}: no optimizer group {name!r} (groups: {', '.join(optims)})")
         opt = optims[name]
         opt.zero_grad(set_to_none=True)
-        # Backward outside autocast, as PyTorch recommends; the forward ran under it.
+        # Backward outside autocast, as PyTorch recommends; the forward ran under it. Only
+        # towards this group's parameters: autograd then skips the weight gradients of every
+        # other network the loss passes through (D in a G step), which are never used. That
+        # is a third of a GAN step's convolution backward; the gradients reaching the group
+        # are the same.
+        trainable = [p for p in params[name] if p.requires_grad]
         with torch.autocast(device.type, enabled=False):
-            loss.backward()
+            torch.autograd.backward(loss, inputs=trainable or None)
         # Average this group's gradients over the ranks: the mean over the global batch. Only
         # this group's: the gradients a backward leaves on other groups (a GAN's G step
         # reaching D) are discarded by their own update's zero_grad, reduced or not.
