@@ -47,7 +47,9 @@ def test_defaults_are_the_papers():
     cfg = PixelDA.Config()
     assert (cfg.lr, cfg.betas[0], cfg.batch_size, cfg.weight_decay) == (1e-3, 0.5, 32, 1e-5)
     assert (cfg.lr_schedule, cfg.lr_step_every, cfg.lr_gamma) == ("step", 20_000, 0.95)
-    assert (cfg.alpha, cfg.beta, cfg.gamma, cfg.noise_dim) == (0.13, 0.011, 0.0, 10)
+    assert (cfg.alpha, cfg.beta, cfg.g_adv_weight, cfg.g_task_weight, cfg.gamma, cfg.noise_dim) == (
+        0.1356, 1.0, 0.0113, 0.0101, 0.0, 10)
+    assert cfg.grad_clip == 5.0
     assert (cfg.g_blocks, cfg.g_filters) == (6, 64)
     m = PixelDA(cfg, RunSpec("classification", tuple("0123456789"), 3, (32, 32)))
     convs = [mod for mod in m.nets["D"].modules() if isinstance(mod, torch.nn.Conv2d)]
