@@ -202,12 +202,19 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
     autocast = autocast_for(device)
     seed_everything(opts.seed)
 
-    # Data: each split read once, converted once, kept once (on the device).
-    load = lambda s, sp: InMemoryDomain(f"{s.name}:{sp}", *load_domain(  # noqa: E731
-        s.name, sp, opts.data_root, channels=spec.channels, size=spec.image_size)).to(device)
+    # Data: each split read once, converted once, kept once (on the device), however many
+    # roles it plays (source, target, evaluation).
+    loaded: dict[tuple[str, str], InMemoryDomain] = {}
+
+    def load(s, sp: str) -> InMemoryDomain:
+        if (s.name, sp) not in loaded:
+            loaded[s.name, sp] = InMemoryDomain(f"{s.name}:{sp}", *load_domain(
+                s.name, sp, opts.data_root, channels=spec.channels, size=spec.image_size)).to(device)
+        return loaded[s.name, sp]
+
     src = load(src_spec, src_split)
     tgt = load(tgt_spec, tgt_split)
-    tgt_eval = tgt if tgt_eval_split == tgt_split else load(tgt_spec, tgt_eval_split)
+    tgt_eval = load(tgt_spec, tgt_eval_split)
     batches = PairedBatches(src, tgt, batch_size, seed=opts.seed, world_size=world, rank=dist.rank)
 
     method = build_method(opts.method, cfg, spec)
