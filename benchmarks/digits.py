@@ -88,7 +88,7 @@ BUDGETS: dict[str, dict[str, Budget | dict[str, Budget]]] = {
     # f pretrains first (cheap), then the adversarial phase (the slow part).
     "dtn": {"smoke": Budget(3, None, (("pretrain_steps", 1),)), "paper": Budget(),
             "cpu": {"svhn-mnist": Budget(1000, 64, (("pretrain_steps", 600),)),
-                    "*": Budget(900, 64, (("pretrain_steps", 600),))}},
+                    "*": Budget(600, 64, (("pretrain_steps", 300),))}},
 }
 DEFAULT_BUDGET = {"smoke": SMOKE, "cpu": {"svhn-mnist": Budget(600), "*": Budget(2000)}, "paper": Budget()}
 # Hyperparameters a pair needs whatever the budget: DTN's g decodes grey unless told otherwise.

@@ -158,3 +158,28 @@ def test_colour_source_grey_target_the_papers_setting(tmp_path):
     _check_round_trip(tmp_path / "run", r)
     m, meta = load_method(ckpt.resolve_checkpoint(tmp_path / "run"), torch.device("cpu"))
     assert meta["spec"]["channels"] == 3 and m.nets["g"].net[-2].out_channels == 1
+
+
+def test_d_every_updates_d_on_every_nth_adversarial_step_only(tmp_path):
+    """pretrain 2, d_every 2: D learns at steps 2 and 4 (adversarial steps 0 and 2), not at 3 and 5."""
+    train(opts(tmp_path, steps=6, save_every=1, keep_checkpoints=10, params={"d_every": 2}), interactive=False)
+    d = tmp_path / "run" / "checkpoints"
+    at = {s: ckpt.read_tensors(d / f"{ckpt.step_name(s)}.safetensors") for s in (2, 3, 4, 5, 6)}
+
+    def d_moved(a, b):  # D's weights (its batch-norm statistics also move in g's steps, through D's forward)
+        return any(not torch.equal(at[a][k], at[b][k]) for k in at[a]
+                   if k.startswith("D.") and "running_" not in k and "num_batches" not in k)
+
+    assert d_moved(2, 3) and not d_moved(3, 4) and d_moved(4, 5) and not d_moved(5, 6)
+    assert all(any(not torch.equal(at[a][k], at[a + 1][k]) for k in at[a] if k.startswith("g.")) for a in (2, 3, 4, 5))
+
+
+def test_tanh_f_is_bounded_and_its_statistics_freeze_with_it(tmp_path):
+    m = _method(1, f_output="tanh")
+    z = m.nets["f"](torch.rand(8, 1, 32, 32) * 2 - 1)
+    assert z.shape == (8, 128) and z.abs().max() <= 1
+    train(opts(tmp_path, save_every=1, keep_checkpoints=10, params={"f_output": "tanh"}), interactive=False)
+    d = tmp_path / "run" / "checkpoints"
+    at2, at4 = (ckpt.read_tensors(d / f"{ckpt.step_name(s)}.safetensors") for s in (2, 4))
+    stats = [k for k in at2 if k.startswith("f.") and "running_" in k]
+    assert stats and all(torch.equal(at2[k], at4[k]) for k in stats)  # eval mode after pretraining

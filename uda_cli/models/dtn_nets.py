@@ -23,14 +23,18 @@ from torch import nn
 class DTNEncoder(nn.Module):
     out_features = 128
 
-    def __init__(self, in_channels: int = 3):
+    def __init__(self, in_channels: int = 3, output: str = "relu"):
         super().__init__()
 
         def block(cin, cout, pool):
             return [nn.Conv2d(cin, cout, 3, padding=1), nn.MaxPool2d(pool), nn.ReLU(inplace=True)]
 
-        self.net = nn.Sequential(*block(in_channels, 64, 2), *block(64, 128, 2), *block(128, 256, 2),
-                                 *block(256, self.out_features, 4))
+        last = block(256, self.out_features, 4)
+        if output == "tanh":  # bounded features: batch norm then tanh in place of the last ReLU
+            last = [*last[:2], nn.BatchNorm2d(self.out_features), nn.Tanh()]
+        elif output != "relu":
+            raise ValueError(f"output must be relu or tanh, not {output!r}")
+        self.net = nn.Sequential(*block(in_channels, 64, 2), *block(64, 128, 2), *block(128, 256, 2), *last)
 
     def forward(self, x):
         return self.net(x).flatten(1)  # [B, 128]
