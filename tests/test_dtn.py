@@ -183,3 +183,52 @@ def test_tanh_f_is_bounded_and_its_statistics_freeze_with_it(tmp_path):
     at2, at4 = (ckpt.read_tensors(d / f"{ckpt.step_name(s)}.safetensors") for s in (2, 4))
     stats = [k for k in at2 if k.startswith("f.") and "running_" in k]
     assert stats and all(torch.equal(at2[k], at4[k]) for k in stats)  # eval mode after pretraining
+
+
+def _driven(**cfg):
+    """A DTN past pretraining whose update() records (group, loss) instead of training."""
+    torch.manual_seed(0)  # the same weights and images for every cfg
+    m = _method(1, pretrain_steps=0, **cfg).train()
+    calls = []
+    m._update = lambda name, loss: calls.append((name, float(loss.detach())))
+    batch = {"x_s": torch.rand(4, 1, 32, 32) * 2 - 1, "y_s": torch.arange(4), "x_t": torch.rand(6, 1, 32, 32) * 2 - 1}
+    return m, calls, batch
+
+
+def test_g_steps_updates_g_that_many_times_per_step():
+    for n in (1, 3):
+        m, calls, batch = _driven(g_steps=n)
+        m.train_step(batch, 0)
+        assert [c[0] for c in calls] == ["D", *["g"] * n, "C"]
+
+
+def test_d_batches_separate_normalises_each_class_alone_and_mixed_together():
+    fake, x_t = torch.rand(10, 1, 32, 32) * 2 - 1, torch.rand(6, 1, 32, 32) * 2 - 1
+    for mode in ("mixed", "separate"):
+        m, _, _ = _driven(d_batches=mode)
+        D = m.nets["D"]
+        with torch.no_grad():
+            got = m._discriminate(fake, x_t, 4)
+            if mode == "separate":  # D's batch statistics from each class alone
+                want = D(fake[:4]), D(fake[4:]), D(x_t)
+                assert m._discriminate(fake, x_t, 4, real=False)[2] is None
+            else:  # one batch of all three
+                both = D(torch.cat([fake, x_t]))
+                want = both[:4], both[4:10], both[10:]
+                assert torch.equal(m._discriminate(fake, x_t, 4, real=False)[1], want[1])
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+        # The two modes really differ in train mode (batch norm): the test above can fail.
+        with torch.no_grad():
+            assert not torch.allclose(D(fake[:4]), D(torch.cat([fake, x_t]))[:4])
+
+
+def test_pretrain_augment_moves_the_source_images_only_while_f_pretrains():
+    losses = {}
+    for aug in (False, True):
+        m, calls, batch = _driven(pretrain_augment=aug)
+        m.cfg.pretrain_steps = 1
+        torch.manual_seed(1)
+        m.train_step(batch, 0)  # pretraining: f's classification loss on (augmented) x_s
+        losses[aug] = calls[0]
+    assert losses[False][0] == losses[True][0] == "f" and losses[False][1] != losses[True][1]
