@@ -87,7 +87,7 @@ BUDGETS: dict[str, dict[str, Budget | dict[str, Budget]]] = {
     "pixelda": {"smoke": SMOKE, "paper": Budget(), "cpu": Budget(1200, 32, (("g_filters", 32),))},
     # f pretrains first (cheap), then the adversarial phase (the slow part).
     "dtn": {"smoke": Budget(3, None, (("pretrain_steps", 1),)), "paper": Budget(),
-            "cpu": {"svhn-mnist": Budget(1500, 32, (("pretrain_steps", 500),)),
+            "cpu": {"svhn-mnist": Budget(1500, 32, (("pretrain_steps", 500), ("c_augment", True))),
                     "*": Budget(600, 64, (("pretrain_steps", 300),))}},
 }
 DEFAULT_BUDGET = {"smoke": SMOKE, "cpu": {"svhn-mnist": Budget(600), "*": Budget(2000)}, "paper": Budget()}

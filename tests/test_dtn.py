@@ -232,3 +232,14 @@ def test_pretrain_augment_moves_the_source_images_only_while_f_pretrains():
         m.train_step(batch, 0)  # pretraining: f's classification loss on (augmented) x_s
         losses[aug] = calls[0]
     assert losses[False][0] == losses[True][0] == "f" and losses[False][1] != losses[True][1]
+
+
+def test_c_augment_moves_only_cs_copy_of_g_images():
+    calls_by = {}
+    for aug in (False, True):
+        m, calls, batch = _driven(c_augment=aug)
+        m.train_step(batch, 0)
+        calls_by[aug] = calls
+    (d0, g0, c0), (d1, g1, c1) = calls_by[False], calls_by[True]
+    assert d0 == d1 and g0 == g1  # D and g see G's images as they are
+    assert c0[0] == c1[0] == "C" and c0[1] != c1[1]
