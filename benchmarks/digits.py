@@ -75,7 +75,8 @@ class Budget:
 # smoke: seconds, for tests. paper: the method's defaults (its paper's schedule), for a GPU.
 # cpu: what one CPU core finishes in about 25 minutes (two runs share the 2-core machine),
 # measured on it: i2i 0.8 it/s at batch 64, pixelda 0.85 it/s with g_filters=32 (0.38 with
-# the paper's 64), dtn 0.3 it/s adversarial at batch 64, source-only LeNet ~9 it/s at 128.
+# the paper's 64), dtn 0.3 it/s adversarial at batch 64 (0.6 at 32: its SVHN->MNIST budget runs
+# about 30 minutes), source-only LeNet ~9 it/s at 128.
 # Where a cpu budget changes a method's size or batch, the table's params column says so.
 SMOKE = Budget(steps=3)
 BUDGETS: dict[str, dict[str, Budget | dict[str, Budget]]] = {
