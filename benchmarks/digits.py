@@ -2,6 +2,7 @@
 
     python benchmarks/digits.py --methods source-only --budget cpu --seeds 0,1,2
     python benchmarks/digits.py --methods source-only,dann --pairs mnist-usps --budget paper --device cuda
+    python benchmarks/digits.py --methods i2i --pairs mnist-mnistm --set grayscale=false --control
 
 Pairs (target accuracy on the target's test set):
 - mnist-usps:   mnist2000 -> usps1800, tested on USPS test (2,007): the ADDA protocol.
@@ -189,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--control", action="store_true",
                     help="after each adaptation run, train source-only with the same steps, batch and seed: "
                          "the 'same budget' baseline it must beat (row 'source-only @ METHOD')")
+    ap.add_argument("--set", action="append", metavar="NAME=VALUE", dest="sets",
+                    help="a hyperparameter on top of the budget's (repeatable; as `uda train --set`), "
+                         "for ablations; the table's params column shows it")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
     ap.add_argument("--data-root", type=Path, default=Path(tempfile.gettempdir()) / "uda-bench-data")
@@ -208,6 +212,16 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [p for p in pairs if p not in PAIRS]
     if unknown:
         ap.error(f"unknown pairs {unknown}; known: {', '.join(PAIRS)}")
+    from uda_cli.config import ConfigError, method_config, parse_set
+
+    try:
+        sets = parse_set(args.sets)
+        for method in args.methods.split(","):  # every run's settings checked before the first starts
+            for key in pairs:
+                method_config(method, {**dict(budget_for(method, args.budget, key).params),
+                                       **PAIR_PARAMS.get((method, key), {}), **sets})
+    except ConfigError as e:
+        ap.error("; ".join(str(e).splitlines()))
     prepare_data_root(args.shared, args.data_root, pairs)
     dev = device_name(args.device)
     rows = []
@@ -226,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             for key in pairs:
                 b = budget_for(method, args.budget, key)
                 steps, batch = args.steps or b.steps, args.batch_size or b.batch_size
-                params = {**dict(b.params), **PAIR_PARAMS.get((method, key), {})}
+                params = {**dict(b.params), **PAIR_PARAMS.get((method, key), {}), **sets}
                 for seed in (int(s) for s in args.seeds.split(",")):
                     out = base / f"{method}_{key}_{args.budget}_s{seed}"
                     record(run_one(method, PAIRS[key], steps, seed, args.device, args.data_root, out, batch, params),

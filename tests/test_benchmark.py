@@ -37,3 +37,27 @@ def test_smoke_budget_runs_every_method(tmp_path, capsys):
         assert 0.0 <= acc <= 100.0
     rc = bench.main(["--from-json", str(tmp_path / "rows.json")])
     assert rc == 0 and len([l for l in capsys.readouterr().out.splitlines() if "MNIST→USPS" in l]) == len(methods)
+
+
+def test_set_reaches_the_run_and_the_table_and_a_bad_one_stops_before_any_run(tmp_path, capsys):
+    import json
+
+    import pytest
+
+    bench = load_bench()
+    common = ["--pairs", "mnist-usps", "--budget", "smoke", "--device", "cpu", "--batch-size", "8",
+              "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "runs")]
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--methods", "i2i", "--set", "grayscal=false", *common])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--set grayscal: unknown hyperparameter" in err and len(err.strip().splitlines()[-1]) > 0
+    assert not (tmp_path / "runs").exists()  # checked before the first run started
+    rc = bench.main(["--methods", "i2i", "--set", "lambda_cyc=0", "--control", "--json", str(tmp_path / "rows.json"),
+                     *common])
+    assert rc == 0
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert rows[0]["params"] == {"lambda_cyc": 0} and rows[1]["method"] == "source-only @ i2i"
+    assert rows[1]["params"] == {}  # the control is plain source-only
+    assert "| lambda_cyc=0 |" in capsys.readouterr().out
+    cfg = json.loads((tmp_path / "runs" / "i2i_mnist-usps_smoke_s0" / "config.json").read_text())
+    assert cfg["config"]["lambda_cyc"] == 0 and cfg["options"]["params"] == {"lambda_cyc": 0}
