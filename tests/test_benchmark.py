@@ -61,3 +61,28 @@ def test_set_reaches_the_run_and_the_table_and_a_bad_one_stops_before_any_run(tm
     assert "| lambda_cyc=0 |" in capsys.readouterr().out
     cfg = json.loads((tmp_path / "runs" / "i2i_mnist-usps_smoke_s0" / "config.json").read_text())
     assert cfg["config"]["lambda_cyc"] == 0 and cfg["options"]["params"] == {"lambda_cyc": 0}
+
+
+def test_dtn_probe_reads_a_dtn_run_and_refuses_another_method(tmp_path, capsys):
+    import pytest
+
+    bench = load_bench()
+    rc = bench.main(["--methods", "dtn", "--control", "--pairs", "mnist-usps", "--budget", "smoke", "--device", "cpu",
+                     "--batch-size", "8", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "runs")])
+    assert rc == 0
+    capsys.readouterr()
+    spec = importlib.util.spec_from_file_location("bench_dtn_probe", REPO / "benchmarks" / "dtn_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    run = tmp_path / "runs" / "dtn_mnist-usps_smoke_s0"
+    assert probe.main([str(run), "--posthoc-steps", "2"]) == 0
+    rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith(f"| {run} ")]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[1] == "3" and all(0.0 <= float(v) <= 100.0 for v in cells[2:])
+    with pytest.raises(SystemExit) as e:
+        probe.main([str(tmp_path / "runs" / "source-only@dtn_mnist-usps_smoke_s0")])
+    assert e.value.code == 2 and "is a source-only run; this probe reads dtn runs" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        probe.main([str(tmp_path / "nowhere")])
+    assert e.value.code == 2 and "no checkpoint at" in capsys.readouterr().err
