@@ -163,7 +163,7 @@ def _params_text(r: dict) -> str:
 
 
 def fmt_table(rows: list[dict], budget: str, device: str) -> str:
-    """One line per method x pair x budget x settings, mean ± std over its seeds."""
+    """One line per method x pair x budget x settings, mean ± std over its runs."""
     lines = ["| method | pair | budget | steps | batch | params | seeds | target acc % (mean ± std) | paper % "
              "| wall s / run | device | img/s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -176,8 +176,11 @@ def fmt_table(rows: list[dict], budget: str, device: str) -> str:
         accs = [100 * r["accuracy"] for r in rs]
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         paper = PAPER.get(method.split(" ")[0], {}).get(key, "–") if " " not in method else "–"
+        # A seed run twice (a rerun in a later session) is one seed, two runs: say so.
+        n_seeds = len({r["seed"] for r in rs})
+        seeds = f"{n_seeds}" + (f" ({len(rs)} runs)" if len(rs) > n_seeds else "")
         lines.append(
-            f"| {method} | {label} | {bud} | {steps} | {batch or '–'} | {params} | {len(rs)} | "
+            f"| {method} | {label} | {bud} | {steps} | {batch or '–'} | {params} | {seeds} | "
             f"{statistics.mean(accs):.1f} ± {std:.1f} | {paper} | {statistics.mean(r['wall_s'] for r in rs):.0f} | "
             f"{dev} | {statistics.mean(r['img_s'] for r in rs):.0f} |")
     return "\n".join(lines)

@@ -86,3 +86,15 @@ def test_dtn_probe_reads_a_dtn_run_and_refuses_another_method(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         probe.main([str(tmp_path / "nowhere")])
     assert e.value.code == 2 and "no checkpoint at" in capsys.readouterr().err
+
+
+def test_table_counts_distinct_seeds_and_says_when_a_seed_ran_twice():
+    bench = load_bench()
+    row = dict(method="dann", pair="MNIST→USPS", pair_key="mnist-usps", budget="cpu", steps=10, batch_size=8,
+               params={}, device="cpu", wall_s=1.0, img_s=1.0)
+    table = bench.fmt_table([{**row, "seed": 0, "accuracy": 0.5}, {**row, "seed": 0, "accuracy": 0.5},
+                             {**row, "seed": 1, "accuracy": 0.7}], "cpu", "cpu")
+    line = table.splitlines()[2]
+    assert "| 2 (3 runs) |" in line and "56.7 ± 11.5" in line
+    one = bench.fmt_table([{**row, "seed": 0, "accuracy": 0.5}, {**row, "seed": 1, "accuracy": 0.7}], "cpu", "cpu")
+    assert "| 2 | 60.0 ± 14.1 |" in one.splitlines()[2]
