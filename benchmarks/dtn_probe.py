@@ -5,8 +5,8 @@
 - ``f_head``: f's own pretraining classifier on x_t, what f knew before any adaptation;
 - ``C``: the reported number, the classifier trained on G(x_s) during the run, on x_t;
 - ``C(G(x_t))``: the same C on the target's translation (G = g o f);
-- ``post-hoc C``: a freshly initialised C trained on the *final* G(x_s) only (batch 32, the
-  run's ``c_augment``), on x_t: whether the last G is better than C's moving average of Gs.
+- ``post-hoc C``: a freshly initialised C trained on the *final* G(x_s) only (the run's batch
+  size, Adam with its lr and betas, and its ``c_augment``), on x_t: whether the last G is better than C's moving average of Gs.
 
 If C is no better than ``f_head``, the adversarial phase carried f's knowledge into pixels
 without adding to it. Data come from the run's own ``--data-root`` unless ``--data-root`` says
@@ -45,6 +45,15 @@ def main(argv: list[str] | None = None) -> int:
             pred = torch.cat([fn(normalize(x[i : i + 1000])).argmax(1) for i in range(0, len(x), 1000)])
         return 100.0 * (pred == y).float().mean().item()
 
+    loaded: dict[tuple, tuple] = {}  # several runs of one pair read its data once
+
+    def domain(text: str, default_split: str, root, channels: int):
+        name, split = parse_domain(text)
+        key = (name, split or default_split, str(root), channels)
+        if key not in loaded:
+            loaded[key] = load_domain(name, split or default_split, root, channels=channels)
+        return loaded[key]
+
     print("| run | step | f_head % | C % | C(G(x_t)) % | post-hoc C % |")
     print("|---|---|---|---|---|---|")
     for run in args.runs:
@@ -55,11 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                 ap.error(f"{run} is a {meta['method']} run; this probe reads dtn runs")
             method, _ = load_method(weights, torch.device("cpu"))
             root = args.data_root or meta["options"].get("data_root")
-            c = method.spec.channels
-            src, src_split = parse_domain(meta["src"])
-            tgt, tgt_split = parse_domain(meta["tgt_eval"])
-            xs, ys = load_domain(src, src_split or "train", root, channels=c)
-            xt, yt = load_domain(tgt, tgt_split or "test", root, channels=c)
+            xs, ys = domain(meta["src"], "train", root, method.spec.channels)
+            xt, yt = domain(meta["tgt_eval"], "test", root, method.spec.channels)
         except UDAError as e:
             ap.error(f"{run}: {e}")
         nets = method.nets
@@ -73,11 +79,12 @@ def main(argv: list[str] | None = None) -> int:
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()
         C.train()
-        opt = torch.optim.Adam(C.parameters(), 2e-4, betas=(0.5, 0.999))
+        opt = torch.optim.Adam(C.parameters(), method.cfg.lr, betas=tuple(method.cfg.betas))
+        batch = meta["options"]["batch_size"]
         with torch.no_grad():
             g_xs = torch.cat([method.translate(normalize(xs[i : i + 500])) for i in range(0, len(xs), 500)])
         for _ in range(args.posthoc_steps):
-            idx = torch.randint(0, len(g_xs), (32,))
+            idx = torch.randint(0, len(g_xs), (batch,))
             x = random_affine(g_xs[idx]) if method.cfg.c_augment else g_xs[idx]
             loss = F.cross_entropy(C(x), ys[idx])
             opt.zero_grad()
