@@ -6,7 +6,8 @@
 - ``C``: the reported number, the classifier trained on G(x_s) during the run, on x_t;
 - ``C(G(x_t))``: the same C on the target's translation (G = g o f);
 - ``post-hoc C``: a freshly initialised C trained on the *final* G(x_s) only (the run's batch
-  size, Adam with its lr and betas, and its ``c_augment``), on x_t: whether the last G is better than C's moving average of Gs.
+  size, Adam with its lr and betas, and its ``c_augment``), on x_t: whether the last G is
+  better than C's moving average of Gs.
 
 If C is no better than ``f_head``, the adversarial phase carried f's knowledge into pixels
 without adding to it. Data come from the run's own ``--data-root`` unless ``--data-root`` says
