@@ -98,3 +98,60 @@ def test_table_counts_distinct_seeds_and_says_when_a_seed_ran_twice():
     assert "| 2 (3 runs) |" in line and "56.7 ± 11.5" in line
     one = bench.fmt_table([{**row, "seed": 0, "accuracy": 0.5}, {**row, "seed": 1, "accuracy": 0.7}], "cpu", "cpu")
     assert "| 2 | 60.0 ± 14.1 |" in one.splitlines()[2]
+
+
+def test_curves_groups_seeds_by_step_from_the_runs_own_logs(tmp_path, capsys):
+    """Two seeds of a tiny run, evaluated every 2 steps, and a resumed longer run: the table
+    holds every logged evaluation, grouped by method x pair x settings, with the mean."""
+    import json
+
+    import pytest
+
+    from uda_cli.config import TrainOptions
+    from uda_cli.engine.trainer import train
+
+    spec = importlib.util.spec_from_file_location("bench_curves", REPO / "benchmarks" / "curves.py")
+    curves = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(curves)
+
+    def run(seed, steps, **kw):
+        out = tmp_path / f"s{seed}"
+        train(TrainOptions(method="source-only", src="tiny-src", tgt="tiny-tgt", steps=steps, batch_size=8, out=out,
+                           seed=seed, device="cpu", save_every=2, eval_every=2, log_every=2, **kw), interactive=False)
+        return out
+
+    a, b = run(0, 4), run(1, 2)
+    run(1, 4, resume="auto")  # seed 1 continued from step 2 to 4
+    logged = {}
+    for r in (a, b):
+        seed = json.loads((r / "config.json").read_text())["options"]["seed"]
+        for line in (r / "metrics.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            if rec["kind"] == "eval":
+                logged[(seed, rec["step"])] = 100 * rec["accuracy"]
+    assert sorted(logged) == [(0, 2), (0, 4), (1, 2), (1, 4)]
+
+    assert curves.main([str(a), str(b)]) == 0
+    rows = [[c.strip() for c in l.strip("|").split("|")] for l in capsys.readouterr().out.splitlines()[2:]]
+    assert [r[3] for r in rows] == ["2", "4"] and all(r[:3] == ["source-only", "tiny-src->tiny-tgt", "–"] for r in rows)
+    for r in rows:
+        step = int(r[3])
+        want = [logged[(0, step)], logged[(1, step)]]
+        assert r[4] == "0,1" and r[5] == f"{want[0]:.1f} / {want[1]:.1f}"
+        mean = sum(want) / 2
+        assert r[6].startswith(f"{mean:.1f} ± ")
+
+    assert curves.main([str(a), "--steps", "4"]) == 0
+    only = capsys.readouterr().out.splitlines()[2:]
+    assert len(only) == 1 and "| 4 | 0 |" in only[0]
+
+    for argv, msg in (([str(tmp_path / "nowhere")], "not a run folder"),
+                      ([str(a), "--steps", "x"], "--steps takes comma-separated integers")):
+        with pytest.raises(SystemExit) as e:
+            curves.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and msg in err and "Traceback" not in err
+    (a / "metrics.jsonl").write_text("")
+    with pytest.raises(SystemExit) as e:
+        curves.main([str(a)])
+    assert e.value.code == 2 and "no evaluation was logged" in capsys.readouterr().err
