@@ -15,7 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from uda_cli.engine.logging import read_metrics  # noqa: E402
 
 
 def read_run(run: Path) -> tuple[tuple, int, dict[int, float]]:
@@ -32,14 +37,8 @@ def read_run(run: Path) -> tuple[tuple, int, dict[int, float]]:
         seed = int(opts["seed"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{run}/config.json is not a uda run config ({type(e).__name__}: {e})") from None
-    acc: dict[int, float] = {}
-    for line in metrics.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut off by a kill
-        if rec.get("kind") == "eval" and "accuracy" in rec:
-            acc[int(rec["step"])] = 100.0 * float(rec["accuracy"])
+    acc = {int(r["step"]): 100.0 * float(r["accuracy"])
+           for r in read_metrics(metrics) if r.get("kind") == "eval" and "accuracy" in r}
     if not acc:
         raise ValueError(f"{run}: no evaluation was logged; train with --eval-every N (or let the run finish)")
     return key, seed, acc

@@ -29,17 +29,21 @@ def stderr_console() -> Console:
     return Console(stderr=True, soft_wrap=True)
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, in order; a line cut off by a kill is skipped."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
 def truncate_metrics(path: Path, max_step: int) -> None:
     if not path.is_file():
         return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut off by a kill
-        if int(rec.get("step", 0)) <= max_step:
-            kept.append(line)
+    kept = [json.dumps(r) for r in read_metrics(path) if int(r.get("step", 0)) <= max_step]
     path.write_text("".join(k + "\n" for k in kept))
 
 
