@@ -14,7 +14,7 @@ from uda_cli.data.registry import DIGIT_CLASSES
 from uda_cli.engine import checkpoint as ckpt
 from uda_cli.engine.evaluate import evaluate_checkpoint
 from uda_cli.engine.trainer import load_method, train
-from uda_cli.errors import ConfigError
+from uda_cli.errors import CheckpointError, ConfigError
 from uda_cli.methods.base import RunSpec
 from uda_cli.methods.dtn import DTN, const_loss, d_loss, gang_loss, tid_loss, tv_loss
 from _checks import assert_same_weights
@@ -243,3 +243,32 @@ def test_c_augment_moves_only_cs_copy_of_g_images():
     (d0, g0, c0), (d1, g1, c1) = calls_by[False], calls_by[True]
     assert d0 == d1 and g0 == g1  # D and g see G's images as they are
     assert c0[0] == c1[0] == "C" and c0[1] != c1[1]
+
+
+def test_until_c_first_trains_f_and_its_head_predict(tmp_path):
+    """A run that ends inside f's pretraining reports f's source classifier, not an untrained
+    C; from C's first update on, C predicts. The count survives a checkpoint, and a
+    checkpoint without it (written before it was kept) reads C."""
+    r = train(opts(tmp_path, steps=2), interactive=False)  # pretrain_steps=2: no adversarial step
+    m, _ = load_method(ckpt.resolve_checkpoint(tmp_path / "run"), torch.device("cpu"))
+    assert m.c_steps == 0
+    x = torch.rand(6, m.spec.channels, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(m.predict(x), m.nets["f_head"](m.nets["f"](x)))
+        assert torch.equal(m.features(x), m.nets["f"](x))
+        assert not torch.equal(m.predict(x), m.nets["C"](x))
+    report, _ = evaluate_checkpoint(EvaluateOptions(target=tmp_path / "run", device="cpu"))
+    assert report["accuracy"] == r.final_eval["accuracy"]
+
+    train(opts(tmp_path, steps=4, resume="auto"), interactive=False)  # two adversarial steps
+    w = ckpt.resolve_checkpoint(tmp_path / "run")
+    m, _ = load_method(w, torch.device("cpu"))
+    assert m.c_steps == 2
+    with torch.no_grad():
+        assert torch.equal(m.predict(x), m.nets["C"](x))
+        assert torch.equal(m.features(x), m.nets["C"][0](x))
+
+    m.load_extra_state({})
+    assert m.c_steps == 1
+    with pytest.raises(CheckpointError, match="dtn run"):
+        m.load_extra_state({"c_steps": torch.tensor(1), "other": torch.tensor(0)})

@@ -25,7 +25,12 @@ the source labels and tested on real target images. C trains alongside g, on det
 G(x_s), in its own optimizer group (the paper trains it after G; alongside keeps one loop,
 and at the end it has followed G's latest images for the whole adversarial phase).
 ``predict`` is C, so ``uda evaluate`` reports the paper's number; ``features`` is C's
-encoder (the embedding behind those predictions).
+encoder (the embedding behind those predictions). Until C's first update (a run, or a
+checkpoint, that ends inside f's pretraining: ``--steps`` at most ``pretrain_steps``, which is
+10,000 by default) C has seen nothing, so ``predict`` and ``features`` read f and its head
+instead, a source-only classifier, rather than report an untrained C's chance accuracy. The
+count of C's updates is checkpointed (``extra_state``); a checkpoint written before it was
+kept is read as C trained.
 
 Channels: the paper's setting is SVHN (colour) -> MNIST (grey); its f reads 32x32 RGB and its
 g "maps ... to 32x32 grayscale images". A run has one channel count (colour when either
@@ -115,7 +120,7 @@ from pydantic import Field
 from torch import nn
 
 from uda_cli.data.augment import random_affine
-from uda_cli.errors import ConfigError
+from uda_cli.errors import CheckpointError, ConfigError
 from uda_cli.methods.base import Method, MethodConfig, OptimSpec
 from uda_cli.methods.registry import register_method
 from uda_cli.models.digits import digit_backbone
@@ -187,6 +192,10 @@ class DTN(Method):
         )
 
     translates_images = True
+
+    def __init__(self, config, spec):
+        super().__init__(config, spec)
+        self.c_steps = 0  # C's updates so far (checkpointed): until the first, f's head predicts
 
     @classmethod
     def input_channels(cls, config, src_channels, tgt_channels):
@@ -272,6 +281,7 @@ class DTN(Method):
             c_in = random_affine(c_in)
         loss_c = F.cross_entropy(self.nets["C"](c_in), y_s)
         self.update("C", loss_c)
+        self.c_steps += 1
         return {**out, "g/gan": loss_gang.detach(), "g/const": loss_const.detach(),
                 "g/tid": loss_tid.detach(), "g/tv": loss_tv.detach(), "c/cls": loss_c.detach()}
 
@@ -291,10 +301,23 @@ class DTN(Method):
         return logits[:n_s], logits[n_s:n], (logits[n:] if real else None)
 
     def predict(self, x):
+        if not self.c_steps:  # f still pretraining: C is untrained, f's source classifier answers
+            return self.nets["f_head"](self.nets["f"](x))
         return self.nets["C"](x)
 
     def features(self, x):
-        return self.nets["C"][0](x)
+        return self.nets["f"](x) if not self.c_steps else self.nets["C"][0](x)
+
+    def extra_state(self):
+        return {"c_steps": torch.tensor(self.c_steps, dtype=torch.int64)}
+
+    def load_extra_state(self, state):
+        unknown = set(state) - {"c_steps"}
+        if unknown:
+            raise CheckpointError(f"dtn: the checkpoint holds extra state {sorted(unknown)} that dtn does not write; "
+                                  "pass a checkpoint of a dtn run")
+        # Checkpoints from before the count was kept: their C is the one that was evaluated.
+        self.c_steps = int(state["c_steps"]) if "c_steps" in state else 1
 
     def translate(self, x, noise=None):
         return self._to_run_channels(self.nets["g"](self.nets["f"](x)), x.shape[1])
