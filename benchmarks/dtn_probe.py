@@ -71,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"{run}: {e}")
         nets = method.nets
         f_head = accuracy(lambda x: nets["f_head"](nets["f"](x)), xt, yt)
-        c_acc = accuracy(method.predict, xt, yt)
-        c_gt = accuracy(lambda x: method.predict(method.translate(x)), xt, yt)
+        # C itself (method.predict reads f's head until C's first update).
+        c_acc = accuracy(nets["C"], xt, yt)
+        c_gt = accuracy(lambda x: nets["C"](method.translate(x)), xt, yt)
 
         torch.manual_seed(args.seed)
         C = nets["C"]
