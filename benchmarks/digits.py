@@ -156,6 +156,7 @@ def run_one(method: str, pair: Pair, steps: int | None, seed: int, device: str, 
         raise SystemExit(128 + int(result.interrupted_by))
     report, _ = evaluate_checkpoint(EvaluateOptions(target=out, domain=pair.eval, device=device, data_root=data_root))
     return {
+        "late_signal": result.late_signal,
         "method": method, "pair": pair.label, "seed": seed, "steps": result.step, "accuracy": report["accuracy"],
         "batch_size": batch_size or cfg.batch_size, "params": params or {},
         "wall_s": time.perf_counter() - t0, "img_s": result.images_seen / max(result.train_seconds, 1e-9),
@@ -238,12 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
 
     def record(r: dict, key: str) -> None:
+        late = r.pop("late_signal", None)
         r.update(pair_key=key, budget=args.budget, device=dev)
         rows.append(r)
         print(f"# {r['method']} {key} seed {r['seed']}: {100 * r['accuracy']:.2f}% in {r['wall_s']:.0f} s "
               f"({r['img_s']:.0f} img/s)", file=sys.stderr, flush=True)
         if args.json:  # after every run: a long benchmark that is cut off keeps what it measured
             args.json.write_text(json.dumps(rows, indent=2))
+        if late is not None:  # the run was complete when a stop signal came: its row counts, then stop
+            raise SystemExit(128 + int(late))
 
     with tempfile.TemporaryDirectory() as tmp:
         base = args.out or Path(tmp)

@@ -163,3 +163,20 @@ def test_sweep_collects_results(tmp_path):
     table = (out / "results.md").read_text()
     assert "| test-mlp | tiny-src | tiny-tgt |" in table and table.rstrip().endswith("| 2 |")
     assert (out / "logs" / "test-mlp_tiny-src_tiny-tgt_s0.log").read_text()  # the run's log, apart
+
+
+def test_a_signal_after_the_last_step_is_reported_not_lost(tmp_path, test_methods):
+    """SIGTERM during the last step's checkpoint or the final evaluation: the run is complete
+    (interrupted_by stays None, the final evaluation is there) and the signal comes back as
+    late_signal, so a caller looping over runs (benchmarks/digits.py) stops instead of
+    starting the next one."""
+    def late(step):
+        if step == 4:
+            signal.raise_signal(signal.SIGTERM)
+
+    opts = TrainOptions(method="test-mlp", src="tiny-src", tgt="tiny-tgt", steps=4, batch_size=8, device="cpu",
+                        eval_every=0, out=tmp_path / "run")
+    r = train(opts, callbacks=(late,), interactive=False)
+    assert r.step == 4 and r.interrupted_by is None and r.final_eval is not None
+    assert r.late_signal == signal.SIGTERM
+    assert train(opts.model_copy(update={"resume": "auto"}), interactive=False).late_signal is None

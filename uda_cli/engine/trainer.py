@@ -61,6 +61,9 @@ class RunResult:
     checkpoint: Path | None
     final_eval: dict[str, Any] | None = None
     interrupted_by: int | None = None  # signal number, when a signal stopped the run
+    # A stop signal that came after the last step's check (during its checkpoint or the final
+    # evaluation): the run is complete, but a caller running several (a benchmark) must stop.
+    late_signal: int | None = None
     train_seconds: float = 0.0  # time in training steps (evaluation and checkpoints excluded)
     images_seen: int = 0  # source + target images this call trained on (all ranks)
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -393,6 +396,7 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
         if dist.is_main:
             write_eval(run_dir / "eval", meta["tgt_eval"], step, result.final_eval, result.checkpoint)
         dist.barrier()
+        result.late_signal = stop.signum
     return result
 
 
