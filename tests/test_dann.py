@@ -67,11 +67,12 @@ def test_reversal_weight_follows_total_steps_else_cfg_steps():
     assert _method(lambda_max=0.1).reversal_weight(10_000) == pytest.approx(0.1 * grl_lambda(1.0))
 
 
-@pytest.mark.parametrize("backbone,channels", [("lenet", 1), ("svhn", 3)])
-def test_feature_gradient_is_label_gradient_minus_lambda_domain_gradient(backbone, channels):
+@pytest.mark.parametrize("backbone,channels,d_input", [("lenet", 1, "features"), ("svhn", 3, "features"), ("svhn", 3, "conv")])
+def test_feature_gradient_is_label_gradient_minus_lambda_domain_gradient(backbone, channels, d_input):
     """One train_step's gradient on F equals dL_y/dF - lambda dL_d/dF, and D gets +dL_d/dD."""
     torch.manual_seed(0)
-    m = _method(backbone, channels)
+    m = _method(backbone, channels, d_input=d_input)
+    assert m.d_on_conv == (d_input == "conv")
     m.eval()  # no dropout and frozen batch-norm statistics: the two forward passes agree
     m.total_steps = 10
     step, lambd = 5, grl_lambda(0.5)
@@ -89,13 +90,17 @@ def test_feature_gradient_is_label_gradient_minus_lambda_domain_gradient(backbon
     m._update = fake_update
     m.train_step({"x_s": x_s, "y_s": y_s, "x_t": x_t, "idx_t": torch.arange(3)}, step)
 
-    # by hand, without any reversal layer
-    fs, ft = m.nets["F"](x_s), m.nets["F"](x_t)
+    # by hand, without any reversal layer; D reads the encoder's features, or its conv output
+    enc = m.nets["F"]
+    hs, ht = enc.conv(x_s).flatten(1), enc.conv(x_t).flatten(1)
+    fs, ft = enc.fc(hs), enc.fc(ht)
+    ds, dt = (hs, ht) if m.d_on_conv else (fs, ft)
     l_y = F.cross_entropy(m.nets["C"](fs), y_s)
-    l_d = (F.cross_entropy(m.nets["D"](fs), torch.zeros(4, dtype=torch.long))
-           + F.cross_entropy(m.nets["D"](ft), torch.ones(3, dtype=torch.long)))
+    l_d = (F.cross_entropy(m.nets["D"](ds), torch.zeros(4, dtype=torch.long))
+           + F.cross_entropy(m.nets["D"](dt), torch.ones(3, dtype=torch.long)))
     gy = torch.autograd.grad(l_y, f_params, retain_graph=True)
-    gd = torch.autograd.grad(l_d, f_params, retain_graph=True)
+    gd = torch.autograd.grad(l_d, f_params, retain_graph=True, allow_unused=True)  # D on conv: F's fc unused
+    gd = [torch.zeros_like(p) if g is None else g for p, g in zip(f_params, gd)]
     gdd = torch.autograd.grad(l_d, d_params)
     for a, b, c in zip(got["f"], gy, gd):
         assert torch.allclose(a, b - lambd * c, atol=1e-6, rtol=1e-4)
@@ -111,6 +116,9 @@ def test_defaults_are_the_papers():
     assert isinstance(_method("lenet").nets["D"].net[1], torch.nn.Linear)
     assert _method("lenet").nets["D"].net[1].out_features == 500
     assert _method("svhn", 3).nets["D"].net[1].in_features == 3072
+    # d_input=conv: D reads the conv output (128 x 7 x 7 on the SVHN net, 50 x 5 x 5 on LeNet)
+    assert _method("svhn", 3, d_input="conv").nets["D"].net[1].in_features == 128 * 7 * 7
+    assert _method("lenet", d_input="conv").nets["D"].net[1].in_features == 50 * 5 * 5
 
 
 @pytest.mark.parametrize("src", ["tiny-src", "tiny-rgb"])
