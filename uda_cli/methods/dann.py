@@ -54,9 +54,11 @@ loss stays at chance (~2.2) once the reversal is on, while the same optimizer an
 with ``lambda_max=0`` bring it to 1.55 by step 150: the SVHN network takes a hundred-odd
 steps to start learning, and on a 600-step run the paper's ramp has lambda at 0.25 by step
 30. D's loss swings meanwhile (16.5 at step 100 of a 3,000-step run) and F's features
-collapse. Neither ``d_input=conv``, nor a 3,000-step run (a ramp five times slower), nor
-Adam at source-only's lr 2e-4 moved the label loss in the first 150-240 steps. Not solved:
-the next things to try are a source-pretrained F or a delayed ramp, both departures.
+collapse. Neither ``d_input=conv`` nor a 3,000-step run (a ramp five times slower) moved
+the label loss in the first 240-400 steps. Adam at source-only's lr 2e-4 avoids the collapse
+but learns slowly under the reversal (label loss 1.66 at step 600) and reads 40.3%, still
+below source-only. Not solved: the next things to try are a source-pretrained F or a
+delayed ramp, both departures.
 """
 
 from __future__ import annotations
