@@ -65,6 +65,10 @@ def test_reversal_weight_follows_total_steps_else_cfg_steps():
     assert m.reversal_weight(50) == pytest.approx(grl_lambda(0.5))
     assert m.reversal_weight(500) == pytest.approx(grl_lambda(1.0))  # p is capped at 1
     assert _method(lambda_max=0.1).reversal_weight(10_000) == pytest.approx(0.1 * grl_lambda(1.0))
+    d = _method(steps=1000, ramp_delay=200)  # no reversal for 200 steps, then the ramp over the other 800
+    assert d.reversal_weight(0) == d.reversal_weight(199) == d.reversal_weight(200) == 0.0
+    assert d.reversal_weight(600) == pytest.approx(grl_lambda(0.5))
+    assert d.reversal_weight(1000) == pytest.approx(grl_lambda(1.0))
 
 
 @pytest.mark.parametrize("backbone,channels,d_input", [("lenet", 1, "features"), ("svhn", 3, "features"), ("svhn", 3, "conv")])
