@@ -60,9 +60,11 @@ starting the loss is back at 2.1 and D's loss spikes (3.3 / 4.2, chance is 1.39)
 11.4%. D's loss swings the same way in a 3,000-step run (16.5 at step 100, lambda 0.12).
 Neither ``d_input=conv`` nor the longer run helped. Adam at source-only's lr 2e-4 avoids the
 collapse but learns slowly under the reversal (label loss 1.66 at step 600): 40.3%, still
-below source-only. So the adversarial game itself is unstable on this network with the
-paper's SGD (LeNet, on the other pairs, is not); why is not known. Not solved: next would be
-a smaller ``lambda_max`` or a learning rate of D's own, both departures.
+below source-only. ``lambda_max=0.1`` does not calm it either: D's loss reaches 4.6 at step
+150 with lambda at 0.08, and the run reads 20.8%. So the adversarial game itself is unstable
+on this network with the paper's SGD (LeNet, on the other pairs, is not); why is not known.
+Not solved: next would be a learning rate of D's own, or F's batch norm, which normalises
+source and target in one batch, run per domain; both departures.
 """
 
 from __future__ import annotations
