@@ -149,3 +149,24 @@ def test_ramp_follows_the_steps_option_not_the_config(tmp_path):
     # --steps 10 with cfg.steps 10,000: the last step (index 9) must be at p = 0.9
     r = train(opts(tmp_path, steps=10, log_every=1), interactive=False)
     assert r.history[-1]["grl/lambda"] == pytest.approx(grl_lambda(0.9), rel=1e-5)
+
+
+@pytest.mark.parametrize("f_batches", ["mixed", "separate"])
+def test_f_batches_decides_what_fs_batch_norm_normalises_together(f_batches):
+    """In training mode F's batch norm uses the batch's statistics: "mixed" runs source and
+    target as one batch, "separate" as two, and D sees exactly those features."""
+    torch.manual_seed(0)
+    m = _method("svhn", 3, f_batches=f_batches)
+    m.train()
+    m.total_steps = 10
+    x_s, x_t = torch.rand(4, 3, 32, 32) * 2 - 1, torch.rand(3, 3, 32, 32) * 2 + 1  # two domains apart
+    seen = {}
+    m.nets["D"].register_forward_hook(lambda mod, inp, out: seen.setdefault("d_in", inp[0].detach()))
+    m._update = lambda name, loss: None
+    m.train_step({"x_s": x_s, "y_s": torch.tensor([0, 1, 2, 3]), "x_t": x_t, "idx_t": torch.arange(3)}, 5)
+    enc = m.nets["F"]
+    with torch.no_grad():
+        mixed, separate = enc(torch.cat([x_s, x_t])), torch.cat([enc(x_s), enc(x_t)])
+    want, other = (mixed, separate) if f_batches == "mixed" else (separate, mixed)
+    assert torch.allclose(seen["d_in"], want, atol=1e-5)
+    assert not torch.allclose(seen["d_in"], other, atol=1e-3)
