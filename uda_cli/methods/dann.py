@@ -160,10 +160,8 @@ class DANN(Method):
 
     def build(self):
         f, c = digit_backbone(self.cfg.backbone, self.spec.channels, self.spec.num_classes, self.spec.domains)
-        lenet = isinstance(f, LeNetEncoder)
-        hidden = self.cfg.d_hidden or (500 if lenet else 1024)
-        self.d_on_conv = self.cfg.d_input == "conv"
-        d_in = f.fc.in_features if self.d_on_conv else f.out_features
+        hidden = self.cfg.d_hidden or (500 if isinstance(f, LeNetEncoder) else 1024)
+        d_in = f.fc.in_features if self.cfg.d_input == "conv" else f.out_features
         return {"F": f, "C": c, "D": DomainClassifier(d_in, hidden)}
 
     def optimizers(self):
@@ -183,7 +181,7 @@ class DANN(Method):
         n_s = x_s.shape[0]
         lambd = self.reversal_weight(step)  # a host float from `step`: no sync
         enc = self.nets["F"]
-        if self.d_on_conv:  # D on the conv output, C on the fc features above it
+        if self.cfg.d_input == "conv":  # D on the conv output, C on the fc features above it
             h = self._per_batch(lambda x: enc.conv(x).flatten(1), x_s, x_t)
             f = enc.fc(h)
         else:
