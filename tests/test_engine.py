@@ -115,6 +115,17 @@ def test_truncated_and_foreign_checkpoints_fail_in_one_line(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not at all")
     with pytest.raises(CheckpointError):
         load_method(tmp_path / "junk.safetensors", torch.device("cpu"))
+    # extra state the method does not write (e.g. another method's): one line, not a ValueError
+    from safetensors import safe_open
+
+    with safe_open(str(w), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    tensors["extra.c_steps"] = torch.tensor(3)
+    extra = tmp_path / "extra.safetensors"
+    save_file(tensors, str(extra), metadata=meta)
+    with pytest.raises(CheckpointError, match="extra state") as e:
+        load_method(extra, torch.device("cpu"))
+    assert "\n" not in str(e.value)
 
 
 def test_checkpoint_roundtrip_restores_predictions(tmp_path):

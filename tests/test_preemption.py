@@ -180,3 +180,31 @@ def test_a_signal_after_the_last_step_is_reported_not_lost(tmp_path, test_method
     assert r.step == 4 and r.interrupted_by is None and r.final_eval is not None
     assert r.late_signal == signal.SIGTERM
     assert train(opts.model_copy(update={"resume": "auto"}), interactive=False).late_signal is None
+
+
+def test_uda_train_exits_as_stopped_after_a_late_signal(tmp_path, test_methods, monkeypatch, capsys):
+    """The same late signal through `uda train`: the complete run is reported (the result line
+    on stdout, the signal in the log), and the exit status is 128+signal, so a shell loop over
+    runs (examples/sweep.sh) stops instead of starting the next run."""
+    from uda_cli.engine import trainer
+
+    real = trainer.train
+
+    def with_late_signal(opts, **kw):
+        def late(step):
+            if step == opts.steps:
+                signal.raise_signal(signal.SIGTERM)
+        return real(opts, callbacks=(late,), **kw)
+
+    monkeypatch.setattr(trainer, "train", with_late_signal)
+    with pytest.raises(SystemExit) as e:
+        main(argv(tmp_path / "run", "--log-format", "json"))
+    out, err = capsys.readouterr()
+    assert e.value.code == 128 + signal.SIGTERM
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["kind"] == "result" and result["step"] == STEPS and "accuracy" in result
+    assert "came after the last step" in err and "Traceback" not in err
+    monkeypatch.setattr(trainer, "train", real)
+    with pytest.raises(SystemExit) as e:  # resumed: already complete, no signal, exit 0
+        main(argv(tmp_path / "run", "--resume", "auto"))
+    assert e.value.code in (0, None)

@@ -55,8 +55,15 @@ def train(
     result = run_train(opts)
     if result.interrupted_by is not None:
         raise typer.Exit(128 + int(result.interrupted_by))
-    if result.rank != 0:  # rank 0 speaks for the job
-        return
+    if result.rank == 0:  # rank 0 speaks for the job
+        _report(result, opts)
+    if result.late_signal is not None:
+        # The run is complete and reported (the engine logged the signal), but the user asked to
+        # stop: a shell loop over runs (examples/sweep.sh) must stop here, not start the next one.
+        raise typer.Exit(128 + int(result.late_signal))
+
+
+def _report(result, opts) -> None:
     report = result.final_eval or {}
     if opts.log_format == "json":
         summary = {"kind": "result", "run_dir": str(result.run_dir), "checkpoint": str(result.checkpoint),

@@ -397,6 +397,9 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
             write_eval(run_dir / "eval", meta["tgt_eval"], step, result.final_eval, result.checkpoint)
         dist.barrier()
         result.late_signal = stop.signum
+        if result.late_signal is not None:
+            logger.info(f"stop signal {result.late_signal} came after the last step; the run is complete "
+                        f"(checkpoint {result.checkpoint})")
     return result
 
 

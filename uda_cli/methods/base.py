@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from uda_cli.errors import CheckpointError
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -178,7 +180,8 @@ class Method:
 
     def load_extra_state(self, state: dict[str, "torch.Tensor"]) -> None:
         if state:
-            raise ValueError(f"{self.name} has no extra state but the checkpoint has {sorted(state)}")
+            raise CheckpointError(f"{self.name}: the checkpoint holds extra state {sorted(state)} that {self.name} "
+                                  f"does not write; pass a checkpoint of a {self.name} run")
 
     # ---- given by the engine -----------------------------------------------------------
     def update(self, name: str, loss: "torch.Tensor") -> None:
