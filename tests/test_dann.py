@@ -150,10 +150,11 @@ def test_ramp_follows_the_steps_option_not_the_config(tmp_path):
     assert r.history[-1]["grl/lambda"] == pytest.approx(grl_lambda(0.9), rel=1e-5)
 
 
-@pytest.mark.parametrize("f_batches", ["mixed", "separate"])
-def test_f_batches_decides_what_fs_batch_norm_normalises_together(f_batches):
+@pytest.mark.parametrize("f_batches,expect", [("mixed", "mixed"), ("separate", "separate"), ("auto", "separate")])
+def test_f_batches_decides_what_fs_batch_norm_normalises_together(f_batches, expect):
     """In training mode F's batch norm uses the batch's statistics: "mixed" runs source and
-    target as one batch, "separate" as two, and D sees exactly those features."""
+    target as one batch, "separate" as two, and D sees exactly those features. "auto" (the
+    default) is "separate" on the SVHN net, which has batch norm."""
     torch.manual_seed(0)
     m = _method("svhn", 3, f_batches=f_batches)
     m.train()
@@ -169,3 +170,9 @@ def test_f_batches_decides_what_fs_batch_norm_normalises_together(f_batches):
     want, other = (mixed, separate) if f_batches == "mixed" else (separate, mixed)
     assert torch.allclose(seen["d_in"], want, atol=1e-5)
     assert not torch.allclose(seen["d_in"], other, atol=1e-3)
+
+
+def test_f_batches_auto_is_mixed_on_lenet_which_has_no_batch_norm():
+    assert DANN.Config().f_batches == "auto"
+    assert not _method("lenet").separate_batches and _method("lenet", f_batches="separate").separate_batches
+    assert _method("svhn", 3).separate_batches and not _method("svhn", 3, f_batches="mixed").separate_batches
