@@ -167,7 +167,7 @@ def test_f_batches_decides_what_fs_batch_norm_normalises_together(f_batches, exp
     enc = m.nets["F"]
     with torch.no_grad():
         mixed, separate = enc(torch.cat([x_s, x_t])), torch.cat([enc(x_s), enc(x_t)])
-    want, other = (mixed, separate) if f_batches == "mixed" else (separate, mixed)
+    want, other = (mixed, separate) if expect == "mixed" else (separate, mixed)
     assert torch.allclose(seen["d_in"], want, atol=1e-5)
     assert not torch.allclose(seen["d_in"], other, atol=1e-3)
 
