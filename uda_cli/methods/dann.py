@@ -47,13 +47,13 @@ Defaults and departures:
   own statistics (the running statistics used at test time follow both). "auto" is
   "separate" when F has batch norm (the SVHN net) and "mixed" when it has none (LeNet, where
   the two train alike and only the dropout draws would differ, so the LeNet rows below keep
-  their numbers). On
-  SVHN->MNIST "mixed" collapses and "separate" does not (see "Where it stands").
+  their numbers). On SVHN->MNIST "mixed" collapses and "separate" does not (see "Where it
+  stands").
 - What D reads (``d_input``): the encoder's output by default (the 500-d LeNet features, as
   ADDA's discriminator; 3072-d on the SVHN net). ``conv`` feeds D the conv output instead
   (128 x 7 x 7 on the SVHN net), where the SVHN figure of the paper and public
   re-implementations split feature extractor from label predictor; it did not change the
-  SVHN->MNIST failure below, so the default stays.
+  SVHN->MNIST collapse under "mixed" (below), so the default stays.
 
 Where it stands (benchmarks/results, cpu budget, seeds 0-2 with a source-only control of the
 same steps, batch and seed): MNIST->USPS 82.3 / 83.7 / 81.4 against 75.9 / 75.9 / 74.2,
