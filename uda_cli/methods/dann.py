@@ -86,6 +86,7 @@ the other pairs, has no batch norm and is stable with "mixed".
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -207,10 +208,11 @@ class DANN(Method):
             return torch.cat([fn(x_s), fn(x_t)])
         return fn(torch.cat([x_s, x_t]))
 
-    @property
+    @functools.cached_property
     def separate_batches(self) -> bool:
         """Whether F reads each domain's batch alone: ``f_batches``, where "auto" means "when F
-        has batch norm" (the SVHN net; LeNet has none, and there the two agree up to rounding)."""
+        has batch norm" (the SVHN net; LeNet has none). Looked up once: the config and F's
+        layers are fixed when the method is built, and ``train_step`` asks every step."""
         if self.cfg.f_batches == "auto":
             return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.nets["F"].modules())
         return self.cfg.f_batches == "separate"
