@@ -30,8 +30,8 @@ def run(argv, capsys):
     return e.value.code, out.out, out.err
 
 
-def train_cli(out, method="pixelda", tgt="tiny-rgb", extra=()):
-    argv = ["train", "--method", method, "--src", "tiny-src", "--tgt", tgt, "--steps", "2", "--batch-size", "4",
+def train_cli(out, method="pixelda", tgt="tiny-rgb", extra=(), src="tiny-src"):
+    argv = ["train", "--method", method, "--src", src, "--tgt", tgt, "--steps", "2", "--batch-size", "4",
             "--device", "cpu", "--eval-every", "0", "--out", str(out), *extra]
     with pytest.raises(SystemExit) as e:
         main(argv)
@@ -149,6 +149,28 @@ def test_limit_can_grow_an_export(runs, tmp_path):
         assert im.mode == "L"  # a grey run exports grey images
 
 
+def test_a_grey_run_exports_its_own_colour_source_in_grey(tmp_path, capsys):
+    """i2i turns a colour source grey (grayscale=true, as the paper does for SVHN); exporting
+    that source is what the run trained on, so it works and writes the luma images' translation."""
+    torch.set_num_threads(1)
+    train_cli(tmp_path / "run", method="i2i", src="tiny-rgb", tgt="tiny-tgt")
+    out = tmp_path / "exp"
+    code, stdout, err = run(["adapt-images", str(tmp_path / "run"), "--out", str(out), "--device", "cpu",
+                             "--limit", "12"], capsys)
+    assert code == 0, err
+    m = json.loads((out / "manifest.json").read_text())
+    assert (m["domain"], m["channels"], m["num_images"]) == ("tiny-rgb", 1, 12)
+    from uda_cli.data.registry import load_domain
+    from uda_cli.data.transforms import denormalize, normalize
+
+    method, _ = load_method(ckpt.resolve_checkpoint(tmp_path / "run"), torch.device("cpu"))
+    x, _ = load_domain("tiny-rgb", "train", channels=1)
+    with torch.no_grad():
+        want = denormalize(method.translate(normalize(x[7:8])))[0, 0].numpy()
+    with Image.open(out / "7" / "7.png") as im:
+        assert im.mode == "L" and np.array_equal(np.asarray(im), want)
+
+
 # ---- noise --------------------------------------------------------------------------------------
 
 def test_noise_depends_only_on_seed_image_and_sample(runs):
@@ -183,7 +205,7 @@ def odd_domains():
 
 @pytest.mark.parametrize("case,args,message", [
     ("plain", [], "source-only checkpoint, which does not translate images; adapt-images needs one of: "),
-    ("grey", ["--domain", "tiny-rgb"], "tiny-rgb:train is colour but"),
+    ("grey", ["--domain", "tiny-rgb"], "tiny-rgb:train is colour but"),  # not a domain of that run
     ("rgb", ["--domain", "tiny-seg"], "is a segmentation domain but"),
     ("rgb", ["--domain", "tiny-abc"], "has classes ['a', 'b']"),
     ("rgb", ["--domain", "tiny-src:valid"], "no split 'valid'"),

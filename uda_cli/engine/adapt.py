@@ -187,10 +187,13 @@ def _check_domain_fits(spec: DomainSpec, split: str, run: RunSpec, weights: Path
     if tuple(spec.image_size) != tuple(run.image_size):
         raise ConfigError(f"{where} has {spec.image_size[0]}x{spec.image_size[1]} images, the checkpoint "
                           f"{run.image_size[0]}x{run.image_size[1]}; pick a domain of the run's image size")
-    if spec.channels > run.channels:
-        # Grey into a colour translator is what its run did (grey repeated); colour into a
-        # grey translator would feed it images it never saw.
-        raise ConfigError(f"{where} is colour but {weights} translates grey images; pick a grey source domain")
+    if spec.channels > run.channels and spec.name not in run.domains:
+        # Grey into a colour translator is what its run did (grey repeated), and so is colour
+        # into a grey one when the run turned that very domain grey (i2i's grayscale=true on
+        # SVHN): load_domain makes the same luma images here. Any other colour domain would
+        # feed the translator images it never saw.
+        raise ConfigError(f"{where} is colour but {weights} translates grey images and was trained on "
+                          f"{' and '.join(run.domains) or 'other domains'}; pick a grey source domain or one of those")
 
 
 def _check_out(out: Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
