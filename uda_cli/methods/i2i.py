@@ -61,8 +61,9 @@ Where the paper is silent or we depart from it:
     budget (1,200 steps, batch 64) and continued to 3,000: these defaults are level with
     L_c alone (49.4 vs 50.1% at 1,200, 52.9 vs 53.8% at 3,000, seeds 0-1), because the
     translator g_y(f_x(x)) collapses to one MNIST-like glyph for every SVHN image, so L_trc
-    trains h on a constant image with every label. L_c + L_z alone (Table 1's DANN-like
-    weights, ``examples/i2i/dann_like.toml``) reaches 57.4% at 1,200 and 59.1% at 3,000.
+    trains h on a constant image with every label. Dropping L_tr (no collapse) gives 56.1%
+    at 1,200, dropping L_trc 55.1%; L_c + L_z alone (Table 1's DANN-like weights,
+    ``examples/i2i/dann_like.toml``) 57.4% at 1,200 and 59.1% at 3,000.
     Whether the paper's schedule on all of SVHN escapes the collapse is not measured (no GPU
     run yet). benchmarks/results/2026-11-24_cpu_1core_session8_i2i_svhn_mnist.md has the runs.
   * Augmentation magnitudes (±10% shift, ±10° rotation) are ours; the paper names the kind only.
