@@ -155,3 +155,55 @@ def test_curves_groups_seeds_by_step_from_the_runs_own_logs(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         curves.main([str(a)])
     assert e.value.code == 2 and "no evaluation was logged" in capsys.readouterr().err
+
+
+def test_translation_probe_tells_a_kept_digit_from_a_collapsed_translator(tmp_path, capsys, monkeypatch):
+    """An I2I run's translator replaced by the identity (each MNIST digit stays itself) and by a
+    constant (every digit becomes the first one): the probe's columns must tell them apart."""
+    import pytest
+
+    import uda_cli.engine.trainer as trainer
+    from uda_cli.config import TrainOptions
+
+    spec = importlib.util.spec_from_file_location("bench_translation_probe", REPO / "benchmarks" / "translation_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    run = tmp_path / "i2i"
+    trainer.train(TrainOptions(method="i2i", src="mnist2000", tgt="usps1800", steps=1, batch_size=4, out=run,
+                               device="cpu", log_every=1), interactive=False)
+    real_load = trainer.load_method
+    mode = {}
+
+    def load_with(weights, device):
+        method, info = real_load(weights, device)
+        if mode["kind"] == "identity":
+            method.translate = lambda x, noise=None: x
+        else:
+            method.translate = lambda x, noise=None: x[:1].expand_as(x)
+        return method, info
+
+    monkeypatch.setattr(trainer, "load_method", load_with)
+    argv = [str(run), "--oracle-steps", "150", "--limit", "500", "--cache", str(tmp_path / "oracles")]
+    cells = {}
+    for kind in ("identity", "constant"):
+        mode["kind"] = kind
+        assert probe.main(argv) == 0
+        rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith(f"| {run} ")]
+        assert len(rows) == 1
+        cells[kind] = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert len(list((tmp_path / "oracles").iterdir())) == 1  # the second call reused the first's oracle
+    ident, const = cells["identity"], cells["constant"]
+    assert ident[1] == "1" and ident[2] == "mnist2000→usps1800" and ident[3] == const[3]  # same oracle, same %
+    assert float(ident[3]) > 70  # the oracle reads USPS test
+    assert float(ident[4]) > 40 and int(ident[5]) >= 8 and float(ident[6]) < 60 and float(ident[7]) > 0.5
+    assert int(const[5]) == 1 and const[6] == "100" and const[7] == "0.00" and float(const[4]) < 20
+
+    monkeypatch.setattr(trainer, "load_method", real_load)
+    other = tmp_path / "so"
+    trainer.train(TrainOptions(method="source-only", src="mnist2000", tgt="usps1800", steps=1, batch_size=4, out=other,
+                               device="cpu"), interactive=False)
+    for bad, msg in ((other, "is a source-only run, which does not translate images"), (tmp_path / "nowhere", "no checkpoint at")):
+        with pytest.raises(SystemExit) as e:
+            probe.main([str(bad), "--cache", str(tmp_path / "oracles")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and msg in err and "Traceback" not in err

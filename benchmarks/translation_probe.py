@@ -1,0 +1,146 @@
+"""Does a run's translator keep the digit? A table that measures it, for any method that translates.
+
+    python benchmarks/translation_probe.py RUN_OR_CHECKPOINT [...] [--oracle-steps 2000]
+
+A preview PNG (``uda adapt-images RUN --limit 16``) shows a collapsed translator to the eye;
+this puts numbers on it. An *oracle* (the house LeNet, ``digit_backbone("lenet")``) is trained
+on the labelled train split of the run's target domain, at the run's channels and size, and
+then reads the translations G(x_s) of the run's source train split (up to ``--limit`` images):
+
+- ``oracle %``: the oracle on the target's test split (the run's ``tgt_eval``): how far
+  to trust the next column;
+- ``label kept %``: the oracle's prediction on G(x_s) equals x_s's source label;
+- ``classes``: how many of the classes the oracle finds among the translations, counting a
+  class when at least 2% of them go to it (a collapsed translator gives 1 or 2);
+- ``top class %``: the share of the most frequent predicted class (10% when balanced);
+- ``spread``: mean L1 distance between two random translations, divided by the same between
+  two random real target images (1 = as varied as the target, 0 = one image for all).
+
+Translations are taken as ``uda adapt-images`` writes them: ``method.translate`` in eval mode
+(batch norm with its running statistics, no dropout). With ``--batch-stats`` the networks are
+in train mode instead, normalised by the statistics of each batch of 64 source images, which
+is what the training losses saw (dropout is on then too).
+
+The oracle uses target labels: it is a diagnostic of the translator, never a way to pick a
+run or a hyperparameter. Oracles are cached under ``--cache`` per (domain, channels, size,
+steps, seed). One CPU core takes ~1 minute per new oracle and seconds per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import tempfile
+
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import load_file, save_file
+
+    from uda_cli.data.augment import random_affine
+    from uda_cli.data.registry import load_domain, parse_domain
+    from uda_cli.data.transforms import normalize
+    from uda_cli.engine import checkpoint as ckpt
+    from uda_cli.engine.trainer import load_method
+    from uda_cli.errors import UDAError
+    from uda_cli.models.digits import digit_backbone
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", type=Path, help="run folders or checkpoint files of methods that translate")
+    ap.add_argument("--oracle-steps", type=int, default=2000)
+    ap.add_argument("--limit", type=int, default=5000, help="translate at most this many source images")
+    ap.add_argument("--batch-stats", action="store_true", help="translate in train mode (per-batch norm statistics)")
+    ap.add_argument("--data-root", type=Path, default=None, help="default: the run's own")
+    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "uda-translation-oracles")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    loaded: dict[tuple, tuple] = {}
+
+    def domain(text: str, default_split: str, root, channels: int, size):
+        name, split = parse_domain(text)
+        key = (name, split or default_split, str(root), channels, tuple(size))
+        if key not in loaded:
+            loaded[key] = load_domain(name, split or default_split, root, channels=channels, size=tuple(size))
+        return loaded[key]
+
+    def predict(net, x_uint8: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([net(normalize(x_uint8[i : i + 1000])).argmax(1) for i in range(0, len(x_uint8), 1000)])
+
+    def oracle(tgt: str, tgt_eval: str, root, c: int, size, num_classes: int):
+        name = parse_domain(tgt)[0]
+        path = args.cache / f"{name}_c{c}_{size[0]}x{size[1]}_steps{args.oracle_steps}_seed{args.seed}.safetensors"
+        f, h = digit_backbone("lenet", c, num_classes)
+        net = torch.nn.Sequential(f, h)
+        if path.exists():
+            net.load_state_dict(load_file(path))
+        else:
+            x, y = domain(tgt, "train", root, c, size)
+            torch.manual_seed(args.seed)
+            opt = torch.optim.Adam(net.parameters(), 1e-3)
+            net.train()
+            for _ in range(args.oracle_steps):
+                idx = torch.randint(0, len(x), (128,))
+                loss = F.cross_entropy(net(random_affine(normalize(x[idx]))), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            args.cache.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+        net.eval()
+        xe, ye = domain(tgt_eval, "test", root, c, size)
+        acc = 100.0 * (predict(net, xe) == ye).float().mean().item()
+        return net, acc, xe
+
+    def spread(a: torch.Tensor, b: torch.Tensor, g: torch.Generator) -> float:
+        """Mean L1 distance between random pairs of a, over the same for b (images in [-1, 1])."""
+        def mean_pair(x):
+            i = torch.randint(0, len(x), (2000,), generator=g)
+            j = torch.randint(0, len(x), (2000,), generator=g)
+            return (x[i] - x[j]).abs().mean().item()
+        return mean_pair(a) / max(mean_pair(b), 1e-8)
+
+    print("| run | step | src→tgt | oracle % | label kept % | classes | top class % | spread |")
+    print("|---|---|---|---|---|---|---|---|")
+    for run in args.runs:
+        try:
+            weights = ckpt.resolve_checkpoint(run)
+            meta = ckpt.read_metadata(weights)
+            method, _ = load_method(weights, torch.device("cpu"))
+            if not method.translates_images:
+                ap.error(f"{run} is a {meta['method']} run, which does not translate images")
+            root = args.data_root or meta["options"].get("data_root")
+            c, size, k = method.spec.channels, tuple(method.spec.image_size), method.spec.num_classes
+            xs, ys = domain(meta["src"], "train", root, c, size)
+            net, oracle_acc, xt = oracle(meta["tgt"], meta["tgt_eval"], root, c, size, k)
+        except UDAError as e:
+            ap.error(f"{run}: {e}")
+        xs, ys = xs[: args.limit], ys[: args.limit]
+        torch.manual_seed(args.seed)
+        for m in method.nets.values():
+            m.train(args.batch_stats)
+        bs = 64 if args.batch_stats else 500
+        with torch.no_grad():
+            noise = lambda n: method.sample_noise(n, torch.empty(0)) if method.has_noise_input else None  # noqa: E731
+            g_xs = torch.cat([method.translate(normalize(xs[i : i + bs]), noise(len(xs[i : i + bs]))).clamp(-1, 1)
+                              for i in range(0, len(xs), bs)])
+            pred = torch.cat([net(g_xs[i : i + 1000]).argmax(1) for i in range(0, len(g_xs), 1000)])
+        kept = 100.0 * (pred == ys).float().mean().item()
+        share = torch.bincount(pred, minlength=k).float() / len(pred)
+        classes = int((share >= 0.02).sum())
+        g = torch.Generator().manual_seed(args.seed)
+        sp = spread(g_xs, normalize(xt), g)
+        pair = f"{parse_domain(meta['src'])[0]}→{parse_domain(meta['tgt'])[0]}"
+        print(f"| {run} | {meta['step']} | {pair} | {oracle_acc:.1f} | {kept:.1f} | {classes} | "
+              f"{100 * share.max().item():.0f} | {sp:.2f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
