@@ -110,9 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|")
     for run in args.runs:
         try:
-            weights = ckpt.resolve_checkpoint(run)
-            meta = ckpt.read_metadata(weights)
-            method, _ = load_method(weights, torch.device("cpu"))
+            method, meta = load_method(ckpt.resolve_checkpoint(run), torch.device("cpu"))
             if not method.translates_images:
                 ap.error(f"{run} is a {meta['method']} run, which does not translate images")
             root = args.data_root or meta["options"].get("data_root")
