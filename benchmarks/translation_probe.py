@@ -22,8 +22,8 @@ in train mode instead, normalised by the statistics of each batch of 64 source i
 is what the training losses saw (dropout is on then too).
 
 The oracle uses target labels: it is a diagnostic of the translator, never a way to pick a
-run or a hyperparameter. Oracles are cached under ``--cache`` per (domain, channels, size,
-steps, seed). One CPU core takes ~1 minute per new oracle and seconds per run.
+run or a hyperparameter. Oracles are cached under ``--cache`` per (domain, split, channels,
+size, steps, seed). One CPU core takes ~1 minute per new oracle and seconds per run.
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             return torch.cat([net(normalize(x_uint8[i : i + 1000])).argmax(1) for i in range(0, len(x_uint8), 1000)])
 
     def oracle(tgt: str, tgt_eval: str, root, c: int, size, num_classes: int):
-        name = parse_domain(tgt)[0]
-        path = args.cache / f"{name}_c{c}_{size[0]}x{size[1]}_steps{args.oracle_steps}_seed{args.seed}.safetensors"
+        name, split = parse_domain(tgt)
+        path = args.cache / f"{name}_{split or 'train'}_c{c}_{size[0]}x{size[1]}_steps{args.oracle_steps}_seed{args.seed}.safetensors"
         f, h = digit_backbone("lenet", c, num_classes)
         net = torch.nn.Sequential(f, h)
         if path.exists():
