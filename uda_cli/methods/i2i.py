@@ -66,7 +66,8 @@ Where the paper is silent or we depart from it:
     target-looking images with wrong labels. Without L_tr nothing collapses but only 24% of
     labels survive the translation. Dropping L_tr gives 55.3%, dropping L_trc 54.8%, L_c +
     L_z alone (Table 1's DANN-like weights, ``examples/i2i/dann_like.toml``) 56.5% (3 seeds
-    each); continued to 3,000 steps the defaults stay level with L_c alone (52.9 vs 53.8%).
+    each); continued to 3,000 steps the defaults stay level with L_c alone (52.9 vs 53.8%,
+    seeds 0-1).
     Whether the paper's schedule on all of SVHN escapes the collapse is not measured (no GPU
     run yet). benchmarks/results/2026-11-24_cpu_1core_session8_i2i_svhn_mnist.md and
     ..._session9_i2i_probe.md have the runs; benchmarks/translation_probe.py measures a
