@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from uda_cli.data.registry import load_domain, parse_domain
     from uda_cli.data.transforms import normalize
     from uda_cli.engine import checkpoint as ckpt
+    from uda_cli.engine.adapt import check_translator
     from uda_cli.engine.trainer import load_method
     from uda_cli.errors import UDAError
     from uda_cli.models.digits import digit_backbone
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     loaded: dict[tuple, tuple] = {}
+    oracles: dict[Path, tuple] = {}  # several checkpoints of one pair train, load and score its oracle once
 
     def domain(text: str, default_split: str, root, channels: int, size):
         name, split = parse_domain(text)
@@ -69,13 +71,16 @@ def main(argv: list[str] | None = None) -> int:
             loaded[key] = load_domain(name, split or default_split, root, channels=channels, size=tuple(size))
         return loaded[key]
 
-    def predict(net, x_uint8: torch.Tensor) -> torch.Tensor:
+    def predict(net, x: torch.Tensor) -> torch.Tensor:
+        """Class predictions for images in [-1, 1], a thousand at a time."""
         with torch.no_grad():
-            return torch.cat([net(normalize(x_uint8[i : i + 1000])).argmax(1) for i in range(0, len(x_uint8), 1000)])
+            return torch.cat([net(x[i : i + 1000]).argmax(1) for i in range(0, len(x), 1000)])
 
     def oracle(tgt: str, tgt_eval: str, root, c: int, size, num_classes: int):
         name, split = parse_domain(tgt)
         path = args.cache / f"{name}_{split or 'train'}_c{c}_{size[0]}x{size[1]}_steps{args.oracle_steps}_seed{args.seed}.safetensors"
+        if path in oracles:
+            return oracles[path]
         f, h = digit_backbone("lenet", c, num_classes)
         net = torch.nn.Sequential(f, h)
         if path.exists():
@@ -95,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
         net.eval()
         xe, ye = domain(tgt_eval, "test", root, c, size)
-        acc = 100.0 * (predict(net, xe) == ye).float().mean().item()
-        return net, acc, xe
+        xe = normalize(xe)
+        oracles[path] = net, 100.0 * (predict(net, xe) == ye).float().mean().item(), xe
+        return oracles[path]
 
     def spread(a: torch.Tensor, b: torch.Tensor, g: torch.Generator) -> float:
         """Mean L1 distance between random pairs of a, over the same for b (images in [-1, 1])."""
@@ -110,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|")
     for run in args.runs:
         try:
-            method, meta = load_method(ckpt.resolve_checkpoint(run), torch.device("cpu"))
-            if not method.translates_images:
-                ap.error(f"{run} is a {meta['method']} run, which does not translate images")
+            weights = ckpt.resolve_checkpoint(run)
+            method, meta = load_method(weights, torch.device("cpu"))
+            check_translator(weights, meta, "translation_probe")
             root = args.data_root or meta["options"].get("data_root")
             c, size, k = method.spec.channels, tuple(method.spec.image_size), method.spec.num_classes
             xs, ys = domain(meta["src"], "train", root, c, size)
@@ -124,16 +130,19 @@ def main(argv: list[str] | None = None) -> int:
         for m in method.nets.values():
             m.train(args.batch_stats)
         bs = 64 if args.batch_stats else 500
+        chunks = []
         with torch.no_grad():
-            noise = lambda n: method.sample_noise(n, torch.empty(0)) if method.has_noise_input else None  # noqa: E731
-            g_xs = torch.cat([method.translate(normalize(xs[i : i + bs]), noise(len(xs[i : i + bs]))).clamp(-1, 1)
-                              for i in range(0, len(xs), bs)])
-            pred = torch.cat([net(g_xs[i : i + 1000]).argmax(1) for i in range(0, len(g_xs), 1000)])
+            for i in range(0, len(xs), bs):
+                x = normalize(xs[i : i + bs])
+                z = method.sample_noise(len(x), torch.empty(0)) if method.has_noise_input else None
+                chunks.append(method.translate(x, z).clamp(-1, 1))
+        g_xs = torch.cat(chunks)
+        pred = predict(net, g_xs)
         kept = 100.0 * (pred == ys).float().mean().item()
         share = torch.bincount(pred, minlength=k).float() / len(pred)
         classes = int((share >= 0.02).sum())
         g = torch.Generator().manual_seed(args.seed)
-        sp = spread(g_xs, normalize(xt), g)
+        sp = spread(g_xs, xt, g)
         pair = f"{parse_domain(meta['src'])[0]}→{parse_domain(meta['tgt'])[0]}"
         print(f"| {run} | {meta['step']} | {pair} | {oracle_acc:.1f} | {kept:.1f} | {classes} | "
               f"{100 * share.max().item():.0f} | {sp:.2f} |", flush=True)

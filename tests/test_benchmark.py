@@ -202,7 +202,7 @@ def test_translation_probe_tells_a_kept_digit_from_a_collapsed_translator(tmp_pa
     other = tmp_path / "so"
     trainer.train(TrainOptions(method="source-only", src="mnist2000", tgt="usps1800", steps=1, batch_size=4, out=other,
                                device="cpu"), interactive=False)
-    for bad, msg in ((other, "is a source-only run, which does not translate images"), (tmp_path / "nowhere", "no checkpoint at")):
+    for bad, msg in ((other, "is a source-only checkpoint, which does not translate images; translation_probe needs one of: "), (tmp_path / "nowhere", "no checkpoint at")):
         with pytest.raises(SystemExit) as e:
             probe.main([str(bad), "--cache", str(tmp_path / "oracles")])
         err = capsys.readouterr().err

@@ -170,12 +170,13 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _check_translator(weights: Path, meta: dict[str, Any]) -> None:
+def check_translator(weights: Path, meta: dict[str, Any], needed_by: str = "adapt-images") -> None:
+    """A one-line error unless the checkpoint's method translates images (``needed_by`` names the reader)."""
     cls = get_method(meta["method"])
     if not cls.translates_images:
         able = [m for m in list_methods() if get_method(m).translates_images]
         raise ConfigError(f"{weights} is a {meta['method']} checkpoint, which does not translate images; "
-                          f"adapt-images needs one of: {', '.join(able)}")
+                          f"{needed_by} needs one of: {', '.join(able)}")
 
 
 def _check_domain_fits(spec: DomainSpec, split: str, run: RunSpec, weights: Path) -> None:
@@ -265,7 +266,7 @@ def adapt_images(opts: AdaptImagesOptions, interactive: bool | None = None) -> E
 
     weights = ckpt.resolve_checkpoint(opts.target)
     meta = ckpt.read_metadata(weights)
-    _check_translator(weights, meta)
+    check_translator(weights, meta)
     run = RunSpec.from_json(meta["spec"])
 
     domain_text = opts.domain or meta.get("src") or meta["options"]["src"]
