@@ -25,10 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main(argv: list[str] | None = None) -> int:
     import torch
-    import torch.nn.functional as F
 
-    from uda_cli.data.augment import random_affine
-    from uda_cli.data.registry import load_domain, parse_domain
+    from benchmarks.probe_common import Domains, fit_classifier, predict
     from uda_cli.data.transforms import normalize
     from uda_cli.engine import checkpoint as ckpt
     from uda_cli.engine.trainer import load_method
@@ -42,18 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     def accuracy(fn, x, y) -> float:
-        with torch.no_grad():
-            pred = torch.cat([fn(normalize(x[i : i + 1000])).argmax(1) for i in range(0, len(x), 1000)])
-        return 100.0 * (pred == y).float().mean().item()
+        return 100.0 * (predict(lambda b: fn(normalize(b)), x) == y).float().mean().item()
 
-    loaded: dict[tuple, tuple] = {}  # several runs of one pair read its data once
-
-    def domain(text: str, default_split: str, root, channels: int):
-        name, split = parse_domain(text)
-        key = (name, split or default_split, str(root), channels)
-        if key not in loaded:
-            loaded[key] = load_domain(name, split or default_split, root, channels=channels)
-        return loaded[key]
+    domain = Domains()  # several runs of one pair read its data once
 
     print("| run | step | f_head % | C % | C(G(x_t)) % | post-hoc C % |")
     print("|---|---|---|---|---|---|")
@@ -80,19 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         for m in C.modules():
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()
-        C.train()
         opt = torch.optim.Adam(C.parameters(), method.cfg.lr, betas=tuple(method.cfg.betas))
-        batch = meta["options"]["batch_size"]
         with torch.no_grad():
             g_xs = torch.cat([method.translate(normalize(xs[i : i + 500])) for i in range(0, len(xs), 500)])
-        for _ in range(args.posthoc_steps):
-            idx = torch.randint(0, len(g_xs), (batch,))
-            x = random_affine(g_xs[idx]) if method.cfg.c_augment else g_xs[idx]
-            loss = F.cross_entropy(C(x), ys[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        C.eval()
+        fit_classifier(C, g_xs, ys, steps=args.posthoc_steps, batch=meta["options"]["batch_size"], opt=opt,
+                       augment=method.cfg.c_augment)
         posthoc = accuracy(C, xt, yt)
         print(f"| {run} | {meta['step']} | {f_head:.1f} | {c_acc:.1f} | {c_gt:.1f} | {posthoc:.1f} |", flush=True)
     return 0

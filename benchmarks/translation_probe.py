@@ -23,7 +23,8 @@ is what the training losses saw (dropout is on then too).
 
 The oracle uses target labels: it is a diagnostic of the translator, never a way to pick a
 run or a hyperparameter. Oracles are cached under ``--cache`` per (domain, split, channels,
-size, steps, seed). One CPU core takes ~1 minute per new oracle and seconds per run.
+size, steps, seed; ``_v2`` files: the oracle's initialisation is seeded too, which older
+caches did not do). One CPU core takes ~1 minute per new oracle and seconds per run.
 """
 
 from __future__ import annotations
@@ -39,11 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     import torch
-    import torch.nn.functional as F
     from safetensors.torch import load_file, save_file
 
-    from uda_cli.data.augment import random_affine
-    from uda_cli.data.registry import load_domain, parse_domain
+    from benchmarks.probe_common import Domains, fit_classifier, predict
+    from uda_cli.data.registry import parse_domain
     from uda_cli.data.transforms import normalize
     from uda_cli.engine import checkpoint as ckpt
     from uda_cli.engine.adapt import check_translator
@@ -61,41 +61,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    loaded: dict[tuple, tuple] = {}
+    domain = Domains()
     oracles: dict[Path, tuple] = {}  # several checkpoints of one pair train, load and score its oracle once
-
-    def domain(text: str, default_split: str, root, channels: int, size):
-        name, split = parse_domain(text)
-        key = (name, split or default_split, str(root), channels, tuple(size))
-        if key not in loaded:
-            loaded[key] = load_domain(name, split or default_split, root, channels=channels, size=tuple(size))
-        return loaded[key]
-
-    def predict(net, x: torch.Tensor) -> torch.Tensor:
-        """Class predictions for images in [-1, 1], a thousand at a time."""
-        with torch.no_grad():
-            return torch.cat([net(x[i : i + 1000]).argmax(1) for i in range(0, len(x), 1000)])
 
     def oracle(tgt: str, tgt_eval: str, root, c: int, size, num_classes: int):
         name, split = parse_domain(tgt)
-        path = args.cache / f"{name}_{split or 'train'}_c{c}_{size[0]}x{size[1]}_steps{args.oracle_steps}_seed{args.seed}.safetensors"
+        path = args.cache / f"{name}_{split or 'train'}_c{c}_{size[0]}x{size[1]}_steps{args.oracle_steps}_seed{args.seed}_v2.safetensors"
         if path in oracles:
             return oracles[path]
+        torch.manual_seed(args.seed)  # before the oracle's initialisation, which the seed must cover too
         f, h = digit_backbone("lenet", c, num_classes)
         net = torch.nn.Sequential(f, h)
         if path.exists():
             net.load_state_dict(load_file(path))
         else:
             x, y = domain(tgt, "train", root, c, size)
-            torch.manual_seed(args.seed)
-            opt = torch.optim.Adam(net.parameters(), 1e-3)
-            net.train()
-            for _ in range(args.oracle_steps):
-                idx = torch.randint(0, len(x), (128,))
-                loss = F.cross_entropy(net(random_affine(normalize(x[idx]))), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+            fit_classifier(net, x, y, steps=args.oracle_steps, batch=128,
+                           opt=torch.optim.Adam(net.parameters(), 1e-3), prepare=normalize)
             args.cache.mkdir(parents=True, exist_ok=True)
             save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
         net.eval()
