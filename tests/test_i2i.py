@@ -163,6 +163,36 @@ def test_step_updates_discriminators_first_and_weights_the_terms():
     assert not any(v.requires_grad for v in out.values())
 
 
+@pytest.mark.parametrize("shared", [1, 2])
+def test_decoders_share_as_many_layers_as_asked(shared):
+    m = method(decoder_shared_layers=shared)
+    convs = lambda n: sum(isinstance(l, (nn.Linear, nn.ConvTranspose2d)) for l in m.nets[n].modules())  # noqa: E731
+    assert convs("g") == shared and convs("g_x") == convs("g_y") == 3 - shared
+    z = torch.randn(4, m.nets["f"].out_features)
+    x, y = m.g_x(z), m.g_y(z)
+    assert x.shape == y.shape == (4, 1, 32, 32) and x.abs().max() <= 1 and not torch.equal(x, y)
+
+
+def test_warmup_trains_the_source_classifier_alone_then_the_whole_objective():
+    m = method(augment=False, warmup_steps=2)
+    calls = []
+
+    def update(name, loss):
+        calls.append(name)
+        loss.backward()
+
+    m._update = update
+    x, y, labels = batch()
+    b = {"x_s": x.detach(), "x_t": y.detach(), "y_s": labels}
+    out = m.train_step(b, 1)
+    assert calls == ["G"] and set(out) == {"c/cls", "g/total"}
+    assert has_grad(m.nets["f"]) and has_grad(m.nets["h"])
+    assert all(no_grad(m.nets[n]) for n in ("g", "g_x", "g_y", "Q_z", "Q_tr_x", "Q_tr_y"))
+    calls.clear()
+    out = m.train_step(b, 2)
+    assert calls == ["D", "G"] and {"g/z", "g/tr", "c/trc"} <= set(out)
+
+
 # ---- gradient routing (the paper's implementation details) ----------------------------------------------------
 
 def test_lz_reaches_only_the_target_encoder_path():

@@ -166,6 +166,11 @@ class I2I(Method):
             "auto", description="encoder f and classifier h: auto is the paper's LeNet for grey runs and "
             "uda_cli.models.digits.digit_backbone's auto rule for colour ones"
         )
+        decoder_shared_layers: Literal[1, 2] = Field(
+            2, description="how many of the decoders' three transposed convs g_x and g_y share (the first ones)")
+        warmup_steps: int = Field(
+            0, ge=0, description="steps of L_c alone (a source classifier) before the other terms start; "
+            "0 = the paper's objective from the first step")
         augment: bool = Field(True, description="random translation and rotation of both batches")
         augment_shift: float = Field(0.1, ge=0, description="largest shift, fraction of the image size")
         augment_rotate_deg: float = Field(10.0, ge=0, description="largest rotation in degrees")
@@ -203,8 +208,10 @@ class I2I(Method):
             nets["f_x"], nets["h"] = backbone()
             nets["f_y"], _ = backbone()
         z_dim = (nets.get("f") or nets["f_x"]).out_features
-        nets["g"] = DecoderTrunk(z_dim)
-        nets["g_x"], nets["g_y"] = DecoderHead(c), DecoderHead(c)
+        shared = self.cfg.decoder_shared_layers
+        nets["g"] = DecoderTrunk(z_dim, shared_layers=shared)
+        head = lambda: DecoderHead(c, nets["g"].out_channels, own_layers=3 - shared)  # noqa: E731
+        nets["g_x"], nets["g_y"] = head(), head()
         nets["Q_z"] = FeatureDiscriminator(z_dim)
         nets["Q_tr_x"], nets["Q_tr_y"] = ImageDiscriminator(c), ImageDiscriminator(c)
         return nets
@@ -275,6 +282,10 @@ class I2I(Method):
         if cfg.augment:
             x = random_affine(x, cfg.augment_shift, cfg.augment_rotate_deg)
             y = random_affine(y, cfg.augment_shift, cfg.augment_rotate_deg)
+        if step < cfg.warmup_steps:  # source classifier only: no decoder, discriminator or target pass
+            loss = self.loss_c(self.forward(x, y), labels)
+            self.update("G", loss)
+            return {"c/cls": loss.detach(), "g/total": loss.detach()}
         fw = self.forward(x, y)
         out: dict[str, torch.Tensor] = {}
 
