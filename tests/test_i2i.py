@@ -281,6 +281,10 @@ def test_adversarial_terms_by_hand():
     assert m.loss_tr_d(fw).item() == pytest.approx(expect_tr_d, rel=1e-6)
     expect_tr = (nlsig(0.3) + nlsig(-0.7)) / 2 + nlsig(2.0)
     assert m.loss_tr(fw).item() == pytest.approx(expect_tr, rel=1e-6)
+    # The paper's form: the decoders minimise E log(1 - Q(fake)).
+    m.cfg = m.cfg.model_copy(update={"tr_form": "minimax"})
+    expect_minimax = -(nl1msig(0.3) + nl1msig(-0.7)) / 2 - nl1msig(2.0)
+    assert m.loss_tr(fw).item() == pytest.approx(expect_minimax, rel=1e-6)
 
 
 def test_reconstruction_and_cycle_are_l1_by_hand():

@@ -166,6 +166,9 @@ class I2I(Method):
             "auto", description="encoder f and classifier h: auto is the paper's LeNet for grey runs and "
             "uda_cli.models.digits.digit_backbone's auto rule for colour ones"
         )
+        tr_form: Literal["non_saturating", "minimax"] = Field(
+            "non_saturating", description="the decoders' side of L_tr: -log Q(fake) (non_saturating) or the "
+            "paper's log(1 - Q(fake)) (minimax)")
         decoder_shared_layers: Literal[1, 2] = Field(
             2, description="how many of the decoders' three transposed convs g_x and g_y share (the first ones)")
         warmup_steps: int = Field(
@@ -260,6 +263,8 @@ class I2I(Method):
         return F.l1_loss(fw.x_rec, fw.x) + F.l1_loss(fw.y_rec, fw.y)
 
     def loss_tr(self, fw: I2IForward) -> torch.Tensor:
+        if self.cfg.tr_form == "minimax":  # the paper's min log(1 - Q(fake)): weak when Q wins, unlike -log Q(fake)
+            return -_fake(self.nets["Q_tr_y"](fw.x2y)) - _fake(self.nets["Q_tr_x"](fw.y2x))
         return _real(self.nets["Q_tr_y"](fw.x2y)) + _real(self.nets["Q_tr_x"](fw.y2x))
 
     def loss_tr_d(self, fw: I2IForward) -> torch.Tensor:
