@@ -48,7 +48,8 @@ Where the paper is silent or we depart from it:
   * Steps 10,000 and batch 128 per domain: not stated for digits; ADDA's digit settings.
   * Adversarial form: the encoders/decoders minimise the non-saturating log-loss with flipped
     labels (-log Q(fake)) instead of log(1 - Q(fake)), the standard GAN practice (and ADDA's
-    for feature adaptation); the discriminators' own losses are unweighted (scaling them
+    for feature adaptation); ``tr_form="minimax"`` gives the paper's form for L_tr. The
+    discriminators' own losses are unweighted (scaling them
     changes nothing under Adam but the effective epsilon).
   * Grey digits: ``grayscale=true`` (default) makes every run single-channel, as the paper
     does for SVHN. A colour target such as MNIST-M is then grey too (the loader uses ITU-R 601
@@ -68,10 +69,19 @@ Where the paper is silent or we depart from it:
     L_z alone (Table 1's DANN-like weights, ``examples/i2i/dann_like.toml``) 56.5% (3 seeds
     each); continued to 3,000 steps the defaults stay level with L_c alone (52.9 vs 53.8%,
     seeds 0-1).
+    The decoders are what collapses: on that run g_x and g_y each draw one image whatever z
+    they get (L1 reconstruction no better than the domain's mean image), while a fresh decoder
+    trained on the same frozen z reconstructs SVHN at half the mean image's error. None of
+    these brought the labels back through g_y (session 10, seeds 0-1): 10x lambda_z,
+    ``warmup_steps=400``, ``decoder_shared_layers=1``, ``tr_form="minimax"``, lambda_cyc=0.
     Whether the paper's schedule on all of SVHN escapes the collapse is not measured (no GPU
-    run yet). benchmarks/results/2026-11-24_cpu_1core_session8_i2i_svhn_mnist.md and
-    ..._session9_i2i_probe.md have the runs; benchmarks/translation_probe.py measures a
-    translator.
+    run yet). benchmarks/results/2026-11-24_cpu_1core_session8_i2i_svhn_mnist.md,
+    ..._session9_i2i_probe.md and ..._session10_i2i_decoders.md have the runs;
+    benchmarks/translation_probe.py measures a translator.
+  * ``decoder_shared_layers`` (default 2 of the 3 transposed convs; the paper says the
+    decoders share "their first layers", not how many), ``tr_form`` (default non_saturating,
+    above) and ``warmup_steps`` (default 0: the paper's objective from the first step) exist
+    for that investigation; none changed the outcome on SVHN->MNIST, so the defaults stay.
   * Augmentation magnitudes (±10% shift, ±10° rotation) are ours; the paper names the kind only.
   * Layer widths of the decoders and discriminators are ours (``uda_cli/models/i2i_nets.py``).
   * A term whose weight is 0 is not computed, and a discriminator whose adversarial weight is
