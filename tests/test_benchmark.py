@@ -212,3 +212,52 @@ def test_translation_probe_tells_a_kept_digit_from_a_collapsed_translator(tmp_pa
             probe.main([str(bad), "--cache", str(tmp_path / "oracles")])
         err = capsys.readouterr().err
         assert e.value.code == 2 and msg in err and "Traceback" not in err
+
+
+def test_i2i_decoder_probe_tells_a_decoder_that_uses_z_from_one_that_ignores_it(tmp_path, capsys, monkeypatch):
+    """An I2I run whose encoders pass the image through as z and decoders undo that (a perfect
+    autoencoder), and one whose decoders draw a constant image: ``rec`` must read ~0 and >1."""
+    import pytest
+    import torch
+
+    import uda_cli.engine.trainer as trainer
+    from uda_cli.config import TrainOptions
+
+    spec = importlib.util.spec_from_file_location("bench_i2i_decoder_probe", REPO / "benchmarks" / "i2i_decoder_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    run = tmp_path / "i2i"
+    trainer.train(TrainOptions(method="i2i", src="mnist2000", tgt="usps1800", steps=1, batch_size=4, out=run,
+                               device="cpu", log_every=1), interactive=False)
+    real_load = trainer.load_method
+    mode = {}
+
+    def load_with(weights, device):
+        method, info = real_load(weights, device)
+        method.f_x = method.f_y = lambda x: x.flatten(1)
+        if mode["kind"] == "perfect":
+            method.g_x = method.g_y = lambda z: z.view(-1, 1, 32, 32)
+        else:
+            method.g_x = method.g_y = lambda z: torch.zeros(len(z), 1, 32, 32)
+        return method, info
+
+    monkeypatch.setattr(trainer, "load_method", load_with)
+    cells = {}
+    for kind in ("perfect", "constant"):
+        mode["kind"] = kind
+        assert probe.main([str(run), "--fresh-steps", "30", "--limit", "200"]) == 0
+        rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith(f"| {run} ")]
+        assert len(rows) == 1
+        cells[kind] = [float(c) for c in rows[0].strip("|").split("|")[2:]]
+    perfect, const = cells["perfect"], cells["constant"]
+    assert perfect[0] == perfect[2] == 0.0 and const[0] > 1 and const[2] > 1
+    assert perfect[1] == const[1] < 1 and perfect[3] == const[3] < 1  # the fresh decoder reads z = the image
+
+    monkeypatch.setattr(trainer, "load_method", real_load)
+    other = tmp_path / "so"
+    trainer.train(TrainOptions(method="source-only", src="mnist2000", tgt="usps1800", steps=1, batch_size=4, out=other,
+                               device="cpu"), interactive=False)
+    with pytest.raises(SystemExit) as e:
+        probe.main([str(other)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "is a source-only run; this probe reads i2i runs" in err and "Traceback" not in err
