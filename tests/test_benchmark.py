@@ -11,12 +11,59 @@ from uda_cli.methods.registry import list_methods
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_digits", REPO / "benchmarks" / "digits.py")
+def load_bench(name: str = "digits"):
+    """benchmarks/<name>.py as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
+
+
+def one_step_runs(tmp_path, *methods: str) -> list[Path]:
+    """A one-step MNIST2000->USPS1800 run of each method, in tmp_path/<method>."""
+    from uda_cli.config import TrainOptions
+    from uda_cli.engine.trainer import train
+
+    runs = []
+    for m in methods:
+        runs.append(tmp_path / m)
+        train(TrainOptions(method=m, src="mnist2000", tgt="usps1800", steps=1, batch_size=4, out=runs[-1],
+                           device="cpu", log_every=1), interactive=False)
+    return runs
+
+
+def table_row(run: Path, capsys) -> list[str]:
+    """The one row of the table just printed that starts with the run folder, as stripped cells."""
+    rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith(f"| {run} ")]
+    assert len(rows) == 1
+    return [c.strip() for c in rows[0].strip("|").split("|")]
+
+
+def patch_loaded_methods(monkeypatch, patch) -> dict:
+    """Make trainer.load_method hand back methods edited by patch(method, kind), where kind is
+    read at load time from the returned dict's "kind" (set it before each probe call)."""
+    import uda_cli.engine.trainer as trainer
+
+    real_load, mode = trainer.load_method, {}
+
+    def load_with(weights, device):
+        method, info = real_load(weights, device)
+        patch(method, mode["kind"])
+        return method, info
+
+    monkeypatch.setattr(trainer, "load_method", load_with)
+    return mode
+
+
+def refused(main, argv, msg, capsys):
+    """main(argv) stops with exit code 2 and a one-line message holding msg, no traceback."""
+    import pytest
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and msg in err and "Traceback" not in err
 
 
 def test_smoke_budget_runs_every_method(tmp_path, capsys):
@@ -42,15 +89,11 @@ def test_smoke_budget_runs_every_method(tmp_path, capsys):
 def test_set_reaches_the_run_and_the_table_and_a_bad_one_stops_before_any_run(tmp_path, capsys):
     import json
 
-    import pytest
-
     bench = load_bench()
     common = ["--pairs", "mnist-usps", "--budget", "smoke", "--device", "cpu", "--batch-size", "8",
               "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "runs")]
-    with pytest.raises(SystemExit) as e:
-        bench.main(["--methods", "i2i", "--set", "grayscal=false", *common])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "--set grayscal: unknown hyperparameter" in err and len(err.strip().splitlines()[-1]) > 0
+    refused(bench.main, ["--methods", "i2i", "--set", "grayscal=false", *common], "--set grayscal: unknown hyperparameter",
+            capsys)
     assert not (tmp_path / "runs").exists()  # checked before the first run started
     rc = bench.main(["--methods", "i2i", "--set", "lambda_cyc=0", "--control", "--json", str(tmp_path / "rows.json"),
                      *common])
@@ -64,28 +107,19 @@ def test_set_reaches_the_run_and_the_table_and_a_bad_one_stops_before_any_run(tm
 
 
 def test_dtn_probe_reads_a_dtn_run_and_refuses_another_method(tmp_path, capsys):
-    import pytest
-
     bench = load_bench()
     rc = bench.main(["--methods", "dtn", "--control", "--pairs", "mnist-usps", "--budget", "smoke", "--device", "cpu",
                      "--batch-size", "8", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "runs")])
     assert rc == 0
     capsys.readouterr()
-    spec = importlib.util.spec_from_file_location("bench_dtn_probe", REPO / "benchmarks" / "dtn_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = load_bench("dtn_probe")
     run = tmp_path / "runs" / "dtn_mnist-usps_smoke_s0"
     assert probe.main([str(run), "--posthoc-steps", "2"]) == 0
-    rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith(f"| {run} ")]
-    assert len(rows) == 1
-    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    cells = table_row(run, capsys)
     assert cells[1] == "3" and all(0.0 <= float(v) <= 100.0 for v in cells[2:])
-    with pytest.raises(SystemExit) as e:
-        probe.main([str(tmp_path / "runs" / "source-only@dtn_mnist-usps_smoke_s0")])
-    assert e.value.code == 2 and "is a source-only run; this probe reads dtn runs" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        probe.main([str(tmp_path / "nowhere")])
-    assert e.value.code == 2 and "no checkpoint at" in capsys.readouterr().err
+    refused(probe.main, [str(tmp_path / "runs" / "source-only@dtn_mnist-usps_smoke_s0")],
+            "is a source-only run; this probe reads dtn runs", capsys)
+    refused(probe.main, [str(tmp_path / "nowhere")], "no checkpoint at", capsys)
 
 
 def test_table_counts_distinct_seeds_and_says_when_a_seed_ran_twice():
@@ -105,14 +139,10 @@ def test_curves_groups_seeds_by_step_from_the_runs_own_logs(tmp_path, capsys):
     holds every logged evaluation, grouped by method x pair x settings, with the mean."""
     import json
 
-    import pytest
-
     from uda_cli.config import TrainOptions
     from uda_cli.engine.trainer import train
 
-    spec = importlib.util.spec_from_file_location("bench_curves", REPO / "benchmarks" / "curves.py")
-    curves = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(curves)
+    curves = load_bench("curves")
 
     def run(seed, steps, **kw):
         out = tmp_path / f"s{seed}"
@@ -147,50 +177,30 @@ def test_curves_groups_seeds_by_step_from_the_runs_own_logs(tmp_path, capsys):
 
     for argv, msg in (([str(tmp_path / "nowhere")], "not a run folder"),
                       ([str(a), "--steps", "x"], "--steps takes comma-separated integers")):
-        with pytest.raises(SystemExit) as e:
-            curves.main(argv)
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and msg in err and "Traceback" not in err
+        refused(curves.main, argv, msg, capsys)
     (a / "metrics.jsonl").write_text("")
-    with pytest.raises(SystemExit) as e:
-        curves.main([str(a)])
-    assert e.value.code == 2 and "no evaluation was logged" in capsys.readouterr().err
+    refused(curves.main, [str(a)], "no evaluation was logged", capsys)
 
 
 def test_translation_probe_tells_a_kept_digit_from_a_collapsed_translator(tmp_path, capsys, monkeypatch):
     """An I2I run's translator replaced by the identity (each MNIST digit stays itself) and by a
     constant (every digit becomes the first one): the probe's columns must tell them apart."""
-    import pytest
+    probe = load_bench("translation_probe")
+    run, other = one_step_runs(tmp_path, "i2i", "source-only")
 
-    import uda_cli.engine.trainer as trainer
-    from uda_cli.config import TrainOptions
-
-    spec = importlib.util.spec_from_file_location("bench_translation_probe", REPO / "benchmarks" / "translation_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
-    run = tmp_path / "i2i"
-    trainer.train(TrainOptions(method="i2i", src="mnist2000", tgt="usps1800", steps=1, batch_size=4, out=run,
-                               device="cpu", log_every=1), interactive=False)
-    real_load = trainer.load_method
-    mode = {}
-
-    def load_with(weights, device):
-        method, info = real_load(weights, device)
-        if mode["kind"] == "identity":
+    def patch(method, kind):
+        if kind == "identity":
             method.translate = lambda x, noise=None: x
         else:
             method.translate = lambda x, noise=None: x[:1].expand_as(x)
-        return method, info
 
-    monkeypatch.setattr(trainer, "load_method", load_with)
+    mode = patch_loaded_methods(monkeypatch, patch)
     argv = [str(run), "--oracle-steps", "150", "--limit", "500", "--cache", str(tmp_path / "oracles")]
     cells = {}
     for kind in ("identity", "constant"):
         mode["kind"] = kind
         assert probe.main(argv) == 0
-        rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith(f"| {run} ")]
-        assert len(rows) == 1
-        cells[kind] = [c.strip() for c in rows[0].strip("|").split("|")]
+        cells[kind] = table_row(run, capsys)
     assert len(list((tmp_path / "oracles").iterdir())) == 1  # the second call reused the first's oracle
     ident, const = cells["identity"], cells["constant"]
     assert ident[1] == "1" and ident[2] == "mnist2000→usps1800" and ident[3] == const[3]  # same oracle, same %
@@ -200,64 +210,37 @@ def test_translation_probe_tells_a_kept_digit_from_a_collapsed_translator(tmp_pa
     # An oracle trained afresh in another cache is the same network (its initialisation is seeded too).
     mode["kind"] = "identity"
     assert probe.main(argv[:-1] + [str(tmp_path / "oracles2")]) == 0
-    again = [l for l in capsys.readouterr().out.splitlines() if l.startswith(f"| {run} ")]
-    assert [c.strip() for c in again[0].strip("|").split("|")] == ident
+    assert table_row(run, capsys) == ident
 
-    monkeypatch.setattr(trainer, "load_method", real_load)
-    other = tmp_path / "so"
-    trainer.train(TrainOptions(method="source-only", src="mnist2000", tgt="usps1800", steps=1, batch_size=4, out=other,
-                               device="cpu"), interactive=False)
+    monkeypatch.undo()
     for bad, msg in ((other, "is a source-only checkpoint, which does not translate images; translation_probe needs one of: "), (tmp_path / "nowhere", "no checkpoint at")):
-        with pytest.raises(SystemExit) as e:
-            probe.main([str(bad), "--cache", str(tmp_path / "oracles")])
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and msg in err and "Traceback" not in err
+        refused(probe.main, [str(bad), "--cache", str(tmp_path / "oracles")], msg, capsys)
 
 
 def test_i2i_decoder_probe_tells_a_decoder_that_uses_z_from_one_that_ignores_it(tmp_path, capsys, monkeypatch):
     """An I2I run whose encoders pass the image through as z and decoders undo that (a perfect
     autoencoder), and one whose decoders draw a constant image: ``rec`` must read ~0 and >1."""
-    import pytest
     import torch
 
-    import uda_cli.engine.trainer as trainer
-    from uda_cli.config import TrainOptions
+    probe = load_bench("i2i_decoder_probe")
+    run, other = one_step_runs(tmp_path, "i2i", "source-only")
 
-    spec = importlib.util.spec_from_file_location("bench_i2i_decoder_probe", REPO / "benchmarks" / "i2i_decoder_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
-    run = tmp_path / "i2i"
-    trainer.train(TrainOptions(method="i2i", src="mnist2000", tgt="usps1800", steps=1, batch_size=4, out=run,
-                               device="cpu", log_every=1), interactive=False)
-    real_load = trainer.load_method
-    mode = {}
-
-    def load_with(weights, device):
-        method, info = real_load(weights, device)
+    def patch(method, kind):
         method.f_x = method.f_y = lambda x: x.flatten(1)
-        if mode["kind"] == "perfect":
+        if kind == "perfect":
             method.g_x = method.g_y = lambda z: z.view(-1, 1, 32, 32)
         else:
             method.g_x = method.g_y = lambda z: torch.zeros(len(z), 1, 32, 32)
-        return method, info
 
-    monkeypatch.setattr(trainer, "load_method", load_with)
+    mode = patch_loaded_methods(monkeypatch, patch)
     cells = {}
     for kind in ("perfect", "constant"):
         mode["kind"] = kind
         assert probe.main([str(run), "--fresh-steps", "30", "--limit", "200"]) == 0
-        rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith(f"| {run} ")]
-        assert len(rows) == 1
-        cells[kind] = [float(c) for c in rows[0].strip("|").split("|")[2:]]
+        cells[kind] = [float(c) for c in table_row(run, capsys)[2:]]
     perfect, const = cells["perfect"], cells["constant"]
     assert perfect[0] == perfect[2] == 0.0 and const[0] > 1 and const[2] > 1
     assert perfect[1] == const[1] < 1 and perfect[3] == const[3] < 1  # the fresh decoder reads z = the image
 
-    monkeypatch.setattr(trainer, "load_method", real_load)
-    other = tmp_path / "so"
-    trainer.train(TrainOptions(method="source-only", src="mnist2000", tgt="usps1800", steps=1, batch_size=4, out=other,
-                               device="cpu"), interactive=False)
-    with pytest.raises(SystemExit) as e:
-        probe.main([str(other)])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "is a source-only run; this probe reads i2i runs" in err and "Traceback" not in err
+    monkeypatch.undo()
+    refused(probe.main, [str(other)], "is a source-only run; this probe reads i2i runs", capsys)

@@ -144,8 +144,8 @@ def test_groups_follow_the_weights():
     assert set(method(share_encoder=False).optimizers()["G"].nets) == {"f_x", "f_y", "h", "g", "g_x", "g_y"}
 
 
-def test_step_updates_discriminators_first_and_weights_the_terms():
-    m = method(augment=False)
+def record_updates(m) -> list[str]:
+    """Replace m's optimizer step with a backward pass that records which group it was for."""
     calls = []
 
     def update(name, loss):
@@ -153,6 +153,12 @@ def test_step_updates_discriminators_first_and_weights_the_terms():
         loss.backward()
 
     m._update = update
+    return calls
+
+
+def test_step_updates_discriminators_first_and_weights_the_terms():
+    m = method(augment=False)
+    calls = record_updates(m)
     x, y, labels = batch()
     out = m.train_step({"x_s": x.detach(), "x_t": y.detach(), "y_s": labels}, 0)
     assert calls == ["D", "G"]
@@ -175,13 +181,7 @@ def test_decoders_share_as_many_layers_as_asked(shared):
 
 def test_warmup_trains_the_source_classifier_alone_then_the_whole_objective():
     m = method(augment=False, warmup_steps=2)
-    calls = []
-
-    def update(name, loss):
-        calls.append(name)
-        loss.backward()
-
-    m._update = update
+    calls = record_updates(m)
     x, y, labels = batch()
     b = {"x_s": x.detach(), "x_t": y.detach(), "y_s": labels}
     out = m.train_step(b, 1)
