@@ -179,6 +179,15 @@ def test_decoders_share_as_many_layers_as_asked(shared):
     assert x.shape == y.shape == (4, 1, 32, 32) and x.abs().max() <= 1 and not torch.equal(x, y)
 
 
+def test_decoder_parts_refuse_a_layer_count_they_do_not_build():
+    from uda_cli.models.i2i_nets import DecoderHead, DecoderTrunk
+
+    with pytest.raises(ValueError, match="shared_layers must be 1 or 2, not 3"):
+        DecoderTrunk(16, shared_layers=3)
+    with pytest.raises(ValueError, match="own_layers must be 1 or 2, not 0"):
+        DecoderHead(1, own_layers=0)
+
+
 def test_warmup_trains_the_source_classifier_alone_then_the_whole_objective():
     m = method(augment=False, warmup_steps=2)
     calls = record_updates(m)

@@ -48,6 +48,8 @@ class DecoderHead(nn.Module):
 
     def __init__(self, channels: int, in_channels: int = 64, own_layers: int = 1):
         super().__init__()
+        if own_layers not in (1, 2):
+            raise ValueError(f"own_layers must be 1 or 2, not {own_layers}")
         layers = []
         if own_layers == 2:
             layers += [nn.ConvTranspose2d(in_channels, 64, 4, 2, 1), nn.BatchNorm2d(64), nn.ReLU(inplace=True)]  # 8 -> 16
