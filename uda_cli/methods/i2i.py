@@ -81,6 +81,8 @@ Where the paper is silent or we depart from it:
     this budget and the paper's number. h reads the SVHN class from z on 80-82% of the source
     images, but the digit g_y draws from that z agrees with h's reading on 12-16% (26% without
     L_tr; 73-80% on USPS->MNIST): L_z matches the domains' z overall, not class by class.
+    Continued to 3,000 steps that run falls to 47.3 / 44.8%: h fits the translations (64-67%
+    read as the source label) while the oracle reads the label in only 20-25% of them.
     Whether the paper's schedule on all of SVHN escapes the collapse is not measured (no GPU
     run yet). benchmarks/results/2026-11-24_cpu_1core_session8_i2i_svhn_mnist.md,
     ..._session9_i2i_probe.md and ..._session10_i2i_decoders.md have the runs;
