@@ -26,10 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from benchmarks.probe_common import Domains, fit_classifier, predict
+    from benchmarks.probe_common import Domains, fit, load_run, predict, reinitialised
     from uda_cli.data.transforms import normalize
-    from uda_cli.engine import checkpoint as ckpt
-    from uda_cli.engine.trainer import load_method
     from uda_cli.errors import UDAError
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -48,11 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|")
     for run in args.runs:
         try:
-            weights = ckpt.resolve_checkpoint(run)
-            meta = ckpt.read_metadata(weights)
-            if meta["method"] != "dtn":
-                ap.error(f"{run} is a {meta['method']} run; this probe reads dtn runs")
-            method, _ = load_method(weights, torch.device("cpu"))
+            method, meta = load_run(run, "dtn")
             root = args.data_root or meta["options"].get("data_root")
             xs, ys = domain(meta["src"], "train", root, method.spec.channels)
             xt, yt = domain(meta["tgt_eval"], "test", root, method.spec.channels)
@@ -65,15 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         c_gt = accuracy(lambda x: nets["C"](method.translate(x)), xt, yt)
 
         torch.manual_seed(args.seed)
-        C = nets["C"]
-        for m in C.modules():
-            if hasattr(m, "reset_parameters"):
-                m.reset_parameters()
+        C = reinitialised(nets["C"])
         opt = torch.optim.Adam(C.parameters(), method.cfg.lr, betas=tuple(method.cfg.betas))
         with torch.no_grad():
             g_xs = torch.cat([method.translate(normalize(xs[i : i + 500])) for i in range(0, len(xs), 500)])
-        fit_classifier(C, g_xs, ys, steps=args.posthoc_steps, batch=meta["options"]["batch_size"], opt=opt,
-                       augment=method.cfg.c_augment)
+        fit(C, g_xs, ys, steps=args.posthoc_steps, batch=meta["options"]["batch_size"], opt=opt,
+            augment=method.cfg.c_augment)
         posthoc = accuracy(C, xt, yt)
         print(f"| {run} | {meta['step']} | {f_head:.1f} | {c_acc:.1f} | {c_gt:.1f} | {posthoc:.1f} |", flush=True)
     return 0

@@ -29,12 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.nn.functional as F
 
-    from benchmarks.probe_common import Domains
+    from benchmarks.probe_common import Domains, fit, load_run
     from uda_cli.data.transforms import normalize
-    from uda_cli.engine import checkpoint as ckpt
-    from uda_cli.engine.trainer import load_method
     from uda_cli.errors import UDAError
-    from uda_cli.models.i2i_nets import DecoderHead, DecoderTrunk
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path, help="i2i run folders or checkpoint files")
@@ -52,10 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|")
     for run in args.runs:
         try:
-            weights = ckpt.resolve_checkpoint(run)
-            method, meta = load_method(weights, torch.device("cpu"))
-            if meta["method"] != "i2i":
-                ap.error(f"{run} is a {meta['method']} run; this probe reads i2i runs")
+            method, meta = load_run(run, "i2i")
             root = args.data_root or meta["options"].get("data_root")
             c, size = method.spec.channels, tuple(method.spec.image_size)
             images = {side: domain(meta[key], "train", root, c, size)[0][: args.limit]
@@ -73,17 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             mean = x[:cut].mean(0, keepdim=True)
             cells.append(ratio(own, x, x.mean(0, keepdim=True)))
             torch.manual_seed(args.seed)
-            shared = method.cfg.decoder_shared_layers
-            trunk = DecoderTrunk(z.shape[1], shared_layers=shared)
-            dec = torch.nn.Sequential(trunk, DecoderHead(c, trunk.out_channels, own_layers=3 - shared))
-            opt = torch.optim.Adam(dec.parameters(), 2e-4, betas=(0.5, 0.999))
-            for _ in range(args.fresh_steps):
-                idx = torch.randint(0, cut, (64,))
-                loss = F.l1_loss(dec(z[idx]), x[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            dec.eval()
+            dec = torch.nn.Sequential(*method.new_decoders(z.shape[1], heads=1))
+            fit(dec, z[:cut], x[:cut], steps=args.fresh_steps, batch=64, augment=False, loss_fn=F.l1_loss,
+                opt=torch.optim.Adam(dec.parameters(), 2e-4, betas=(0.5, 0.999)))
             held = slice(cut, None) if cut < len(x) else slice(None)
             with torch.no_grad():
                 cells.append(ratio(dec(z[held]), x[held], mean))

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from benchmarks.probe_common import Domains, fit_classifier, predict
+    from benchmarks.probe_common import Domains, fit, predict
     from uda_cli.data.registry import parse_domain
     from uda_cli.data.transforms import normalize
     from uda_cli.engine import checkpoint as ckpt
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             net.load_state_dict(load_file(path))
         else:
             x, y = domain(tgt, "train", root, c, size)
-            fit_classifier(net, x, y, steps=args.oracle_steps, batch=128,
+            fit(net, x, y, steps=args.oracle_steps, batch=128,
                            opt=torch.optim.Adam(net.parameters(), 1e-3), prepare=normalize)
             args.cache.mkdir(parents=True, exist_ok=True)
             save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))

@@ -230,13 +230,18 @@ class I2I(Method):
             nets["f_x"], nets["h"] = backbone()
             nets["f_y"], _ = backbone()
         z_dim = (nets.get("f") or nets["f_x"]).out_features
-        shared = self.cfg.decoder_shared_layers
-        nets["g"] = DecoderTrunk(z_dim, shared_layers=shared)
-        head = lambda: DecoderHead(c, nets["g"].out_channels, own_layers=3 - shared)  # noqa: E731
-        nets["g_x"], nets["g_y"] = head(), head()
+        nets["g"], nets["g_x"], nets["g_y"] = self.new_decoders(z_dim)
         nets["Q_z"] = FeatureDiscriminator(z_dim)
         nets["Q_tr_x"], nets["Q_tr_y"] = ImageDiscriminator(c), ImageDiscriminator(c)
         return nets
+
+    def new_decoders(self, z_dim: int, heads: int = 2) -> tuple[torch.nn.Module, ...]:
+        """Untrained (g, g_x, g_y) for latents of z_dim, built in that order: the shared trunk
+        and ``heads`` domains' own layers, split as ``decoder_shared_layers`` says.
+        benchmarks/i2i_decoder_probe.py builds its fresh decoder (trunk + one head) here too."""
+        shared = self.cfg.decoder_shared_layers
+        g = DecoderTrunk(z_dim, shared_layers=shared)
+        return (g, *(DecoderHead(self.spec.channels, g.out_channels, own_layers=3 - shared) for _ in range(heads)))
 
     def optimizers(self):
         cfg = self.cfg
