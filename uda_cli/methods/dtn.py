@@ -230,7 +230,7 @@ class DTN(Method):
 
     def train_step(self, batch, step):
         x_s, y_s, x_t = batch["x_s"], batch["y_s"], batch["x_t"]
-        f, g, D = self.nets["f"], self.nets["g"], self.nets["D"]
+        f, g = self.nets["f"], self.nets["g"]
         pretraining = step < self.cfg.pretrain_steps
         f.train(pretraining and self.nets.training)  # frozen f: its batch norm (tanh output) keeps its statistics
         if pretraining:
@@ -243,7 +243,7 @@ class DTN(Method):
 
         # f is fixed from here on: gradients flow through it to G(x_s), never into it.
         f.requires_grad_(False)
-        n_s, n_t = x_s.shape[0], x_t.shape[0]
+        n_s = x_s.shape[0]
         with torch.no_grad():
             z = f(torch.cat([x_s, x_t]))
         raw = g(z)  # g's own output (one channel with grey_output), for L_TV
