@@ -16,6 +16,11 @@ which this script fills from ``--shared`` (../shared/data): MNIST and USPS are l
 the SVHN subset is linked as ``train_32x32.mat``, and MNIST-M is installed by ``uda
 download mnistm --mirror <shared>`` (verified and extracted like any download).
 
+Choosing settings: ``--target-val N`` holds the last N images of the target's train split
+out of training (the run adapts to ``TGT:train[:-N]``) and reports accuracy on them, labelled,
+beside the test accuracy: pick settings by that column, report the test one. Without it the
+table has only test accuracy, which must not be used to pick settings.
+
 Budgets: ``smoke`` (seconds, for tests), ``cpu`` (what finishes on 2 CPU cores in well under
 an hour per method and pair), ``paper`` (the method's own default schedule, for a GPU).
 Throughput counts source + target images per second of training steps.
@@ -142,7 +147,9 @@ def device_name(device: str) -> str:
 
 
 def run_one(method: str, pair: Pair, steps: int | None, seed: int, device: str, data_root: Path, out: Path,
-            batch_size: int | None, params: dict | None = None) -> dict:
+            batch_size: int | None, params: dict | None = None, target_val: int = 0) -> dict:
+    """Train one run and evaluate it on the pair's test split; with target_val > 0 the last
+    target_val target train images are held out of training and evaluated on as well."""
     from uda_cli.config import EvaluateOptions, TrainOptions, method_config
     from uda_cli.engine.evaluate import evaluate_checkpoint
     from uda_cli.engine.trainer import train
@@ -150,18 +157,24 @@ def run_one(method: str, pair: Pair, steps: int | None, seed: int, device: str, 
     t0 = time.perf_counter()
     cfg = method_config(method, params or {})
     total = steps or cfg.steps
-    opts = TrainOptions(method=method, src=pair.src, tgt=pair.tgt, steps=steps, batch_size=batch_size, seed=seed,
+    tgt = f"{pair.tgt}:train[:-{target_val}]" if target_val else pair.tgt
+    opts = TrainOptions(method=method, src=pair.src, tgt=tgt, steps=steps, batch_size=batch_size, seed=seed,
                         out=out, device=device, data_root=data_root, eval_every=0, save_every=10**9,
                         log_every=max(total // 5, 50), params=params or {})
     result = train(opts, interactive=False)
     if result.interrupted_by is not None:  # a signal stopped the run: its row would be a partial run
         raise SystemExit(128 + int(result.interrupted_by))
     report, _ = evaluate_checkpoint(EvaluateOptions(target=out, domain=pair.eval, device=device, data_root=data_root))
+    val = {}
+    if target_val:
+        v, _ = evaluate_checkpoint(EvaluateOptions(target=out, domain=f"{pair.tgt}:train[-{target_val}:]", device=device,
+                                                   data_root=data_root))
+        val = {"target_val": target_val, "val_accuracy": v["accuracy"]}
     return {
         "late_signal": result.late_signal,
         "method": method, "pair": pair.label, "seed": seed, "steps": result.step, "accuracy": report["accuracy"],
         "batch_size": batch_size or cfg.batch_size, "params": params or {},
-        "wall_s": time.perf_counter() - t0, "img_s": result.images_seen / max(result.train_seconds, 1e-9),
+        "wall_s": time.perf_counter() - t0, "img_s": result.images_seen / max(result.train_seconds, 1e-9), **val,
     }
 
 
@@ -169,26 +182,31 @@ def _params_text(r: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted(r.get("params", {}).items())) or "–"
 
 
+def _mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
+
+
 def fmt_table(rows: list[dict], budget: str, device: str) -> str:
-    """One line per method x pair x budget x settings, mean ± std over its runs."""
-    lines = ["| method | pair | budget | steps | batch | params | seeds | target acc % (mean ± std) | paper % "
-             "| wall s / run | device | img/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    """One line per method x pair x budget x settings, mean ± std over its runs. The held-out
+    column (``--target-val``) reads "mean ± std (N images)", or "–" for runs without one."""
+    lines = ["| method | pair | budget | steps | batch | params | seeds | target acc % (mean ± std) "
+             "| held-out target val % | paper % | wall s / run | device | img/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         key = (r["method"], r["pair"], r["pair_key"], r.get("budget", budget), r["steps"], r.get("batch_size"),
-               _params_text(r), r.get("device", device))
+               _params_text(r), r.get("device", device), r.get("target_val", 0))
         groups.setdefault(key, []).append(r)
-    for (method, label, key, bud, steps, batch, params, dev), rs in groups.items():
+    for (method, label, key, bud, steps, batch, params, dev, n_val), rs in groups.items():
         accs = [100 * r["accuracy"] for r in rs]
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        val = f"{_mean_std([100 * r['val_accuracy'] for r in rs])} ({n_val:,})" if n_val else "–"
         paper = PAPER.get(method.split(" ")[0], {}).get(key, "–") if " " not in method else "–"
         # A seed run twice (a rerun in a later session) is one seed, two runs: say so.
         n_seeds = len({r["seed"] for r in rs})
         seeds = f"{n_seeds}" + (f" ({len(rs)} runs)" if len(rs) > n_seeds else "")
         lines.append(
             f"| {method} | {label} | {bud} | {steps} | {batch or '–'} | {params} | {seeds} | "
-            f"{statistics.mean(accs):.1f} ± {std:.1f} | {paper} | {statistics.mean(r['wall_s'] for r in rs):.0f} | "
+            f"{_mean_std(accs)} | {val} | {paper} | {statistics.mean(r['wall_s'] for r in rs):.0f} | "
             f"{dev} | {statistics.mean(r['img_s'] for r in rs):.0f} |")
     return "\n".join(lines)
 
@@ -207,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", metavar="NAME=VALUE", dest="sets",
                     help="a hyperparameter on top of the budget's (repeatable; as `uda train --set`), "
                          "for ablations; the table's params column shows it")
+    ap.add_argument("--target-val", type=int, default=0, metavar="N",
+                    help="hold the last N target train images out of training and report accuracy on them "
+                         "(for choosing settings; the test column stays the one to report)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
     ap.add_argument("--data-root", type=Path, default=Path(tempfile.gettempdir()) / "uda-bench-data")
@@ -222,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                         rows[0].get("budget", args.budget), rows[0].get("device", "?")))
         return 0
 
+    if args.target_val < 0:
+        ap.error(f"--target-val {args.target_val}: give a number of images >= 1, or 0 for no held-out split")
     pairs = args.pairs.split(",")
     unknown = [p for p in pairs if p not in PAIRS]
     if unknown:
@@ -244,13 +267,23 @@ def main(argv: list[str] | None = None) -> int:
         late = r.pop("late_signal", None)
         r.update(pair_key=key, budget=args.budget, device=dev)
         rows.append(r)
-        print(f"# {r['method']} {key} seed {r['seed']}: {100 * r['accuracy']:.2f}% in {r['wall_s']:.0f} s "
+        val = f", held-out target val {100 * r['val_accuracy']:.2f}%" if "val_accuracy" in r else ""
+        print(f"# {r['method']} {key} seed {r['seed']}: {100 * r['accuracy']:.2f}%{val} in {r['wall_s']:.0f} s "
               f"({r['img_s']:.0f} img/s)", file=sys.stderr, flush=True)
         if args.json:  # after every run: a long benchmark that is cut off keeps what it measured
             args.json.write_text(json.dumps(rows, indent=2))
         if late is not None:  # the run was complete when a stop signal came: its row counts, then stop
             raise SystemExit(128 + int(late))
 
+    try:
+        _run_all(args, pairs, sets, rows, record)
+    except ConfigError as e:  # input found bad once a run reads it (a --target-val over the split's size)
+        ap.error("; ".join(str(e).splitlines()))
+    print(fmt_table(rows, args.budget, dev))
+    return 0
+
+
+def _run_all(args, pairs: list[str], sets: dict, rows: list[dict], record) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = args.out or Path(tmp)
         for method in args.methods.split(","):
@@ -260,15 +293,14 @@ def main(argv: list[str] | None = None) -> int:
                 params = {**dict(b.params), **PAIR_PARAMS.get((method, key), {}), **sets}
                 for seed in (int(s) for s in args.seeds.split(",")):
                     out = base / f"{method}_{key}_{args.budget}_s{seed}"
-                    record(run_one(method, PAIRS[key], steps, seed, args.device, args.data_root, out, batch, params),
-                           key)
+                    record(run_one(method, PAIRS[key], steps, seed, args.device, args.data_root, out, batch, params,
+                                   args.target_val), key)
                     if args.control and method != "source-only":
                         r = run_one("source-only", PAIRS[key], rows[-1]["steps"], seed, args.device, args.data_root,
-                                    base / f"source-only@{method}_{key}_{args.budget}_s{seed}", rows[-1]["batch_size"])
+                                    base / f"source-only@{method}_{key}_{args.budget}_s{seed}", rows[-1]["batch_size"],
+                                    target_val=args.target_val)
                         r["method"] = f"source-only @ {method}"
                         record(r, key)
-    print(fmt_table(rows, args.budget, dev))
-    return 0
 
 
 if __name__ == "__main__":

@@ -106,6 +106,31 @@ def test_set_reaches_the_run_and_the_table_and_a_bad_one_stops_before_any_run(tm
     assert cfg["config"]["lambda_cyc"] == 0 and cfg["options"]["params"] == {"lambda_cyc": 0}
 
 
+def test_target_val_holds_target_images_out_of_training_and_reports_them(tmp_path, capsys):
+    import json
+
+    bench = load_bench()
+    common = ["--methods", "dann", "--pairs", "mnist-usps", "--budget", "smoke", "--device", "cpu", "--batch-size", "8",
+              "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "runs")]
+    rc = bench.main([*common, "--target-val", "300", "--control", "--json", str(tmp_path / "rows.json")])
+    assert rc == 0
+    table = capsys.readouterr().out
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [r["target_val"] for r in rows] == [300, 300] and all(0 <= r["val_accuracy"] <= 1 for r in rows)
+    header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
+    col = header.index("held-out target val %")
+    for r in rows:
+        line = next(l for l in table.splitlines() if l.startswith(f"| {r['method']} |"))
+        assert line.strip("|").split("|")[col].strip() == f"{100 * r['val_accuracy']:.1f} ± 0.0 (300)"
+    for run in ("dann_mnist-usps_smoke_s0", "source-only@dann_mnist-usps_smoke_s0"):
+        assert json.loads((tmp_path / "runs" / run / "config.json").read_text())["options"]["tgt"] == "usps1800:train[:-300]"
+    report = json.loads(next((tmp_path / "runs" / "dann_mnist-usps_smoke_s0" / "eval").glob("usps1800_train_-300__*")).read_text())
+    assert report["num_samples"] == 300
+    refused(bench.main, [*common, "--target-val", "5000", "--out", str(tmp_path / "runs2")],
+            "usps1800:train[:-5000] selects no images (usps1800:train has 1,800)", capsys)
+    refused(bench.main, [*common, "--target-val", "-3"], "--target-val -3: give a number of images >= 1", capsys)
+
+
 def test_dtn_probe_reads_a_dtn_run_and_refuses_another_method(tmp_path, capsys):
     bench = load_bench()
     rc = bench.main(["--methods", "dtn", "--control", "--pairs", "mnist-usps", "--budget", "smoke", "--device", "cpu",

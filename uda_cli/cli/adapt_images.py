@@ -14,7 +14,7 @@ from uda_cli.errors import UDAError
 def adapt_images(
     target: Annotated[Path, typer.Argument(metavar="RUN_OR_CHECKPOINT", help="A run folder (its latest checkpoint) or a .safetensors checkpoint of a translating method (i2i, pixelda, dtn).")],
     out: Annotated[Path, typer.Option("--out", help="Export folder; train on it with --src folder:OUT. Call again with the same arguments to finish an interrupted export.", show_default=False)],
-    domain: Annotated[Optional[str], typer.Option("--domain", help="NAME[:split] to translate [the run's source training split].", show_default=False)] = None,
+    domain: Annotated[Optional[str], typer.Option("--domain", help="NAME[:split[START:STOP]] to translate [the run's source training split].", show_default=False)] = None,
     samples_per_image: Annotated[Optional[int], typer.Option("--samples-per-image", help="Translations per image, each with its own noise (methods with a noise input, e.g. pixelda) [1].", show_default=False)] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Translate only the first N images of the split.", show_default=False)] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seeds the noise: image i, sample k gets the same noise on every call [0].", show_default=False)] = None,

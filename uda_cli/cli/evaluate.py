@@ -12,7 +12,7 @@ from uda_cli.cli.options import BatchSize, DataRoot, Device
 
 def evaluate(
     target: Annotated[Path, typer.Argument(metavar="RUN_OR_CHECKPOINT", help="A run folder (its latest checkpoint) or a .safetensors checkpoint.")],
-    domain: Annotated[Optional[str], typer.Option("--domain", help="NAME[:split] to evaluate on [the run's target test split].", show_default=False)] = None,
+    domain: Annotated[Optional[str], typer.Option("--domain", help="NAME[:split[START:STOP]] to evaluate on [the run's target test split].", show_default=False)] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here [<run>/eval/...].", show_default=False)] = None,
     data_root: DataRoot = None,
     device: Device = None,

@@ -28,7 +28,7 @@ class LogFormat(str, Enum):
 def train(
     method: Annotated[Optional[str], typer.Option("--method", help="Method name, e.g. source-only, dann.", show_default=False)] = None,
     src: Annotated[Optional[str], typer.Option("--src", help="Labelled source domain[:split], e.g. mnist2000.", show_default=False)] = None,
-    tgt: Annotated[Optional[str], typer.Option("--tgt", help="Unlabelled target domain[:split], e.g. usps1800.", show_default=False)] = None,
+    tgt: Annotated[Optional[str], typer.Option("--tgt", help="Unlabelled target domain[:split[START:STOP]], e.g. usps1800 or 'mnist:train[:-5000]'.", show_default=False)] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Training steps (default: the method's).", show_default=False)] = None,
     batch_size: BatchSize = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for python, numpy, torch and the batch order [0].", show_default=False)] = None,

@@ -50,7 +50,8 @@ SPLIT = "all"
 MANIFEST = "manifest.json"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 _GREY_MODES = {"1", "L", "I", "I;16", "F", "LA"}
-_SPLIT_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+# PATH:SPLIT where SPLIT is a word, or part of one (all[:100], see registry.split_slice)
+_TAIL_RE = re.compile(r"^(?P<head>.+):(?P<tail>[A-Za-z0-9_-]+(\[[^\[\]]*\])?)$")
 
 _CACHE: dict[Path, tuple[tuple[int, int], object]] = {}
 
@@ -64,14 +65,14 @@ def split_folder_text(text: str) -> tuple[str, str | None]:
 
     The rule: when everything after ``folder:`` names an existing folder, all of it is the
     path (so a path may contain ``:``); otherwise a trailing ``:WORD`` (letters, digits,
-    ``_``, ``-``) is the split. ``folder:/data/x:all`` is the folder ``/data/x``, split
+    ``_``, ``-``), or part of one, ``:WORD[START:STOP]``, is the split. ``folder:/data/x:all`` is the folder ``/data/x``, split
     ``all``, unless a folder named ``x:all`` exists there.
     """
     rest = text[len(PREFIX):]
     if rest and not Path(rest).expanduser().is_dir():
-        head, sep, tail = rest.rpartition(":")
-        if sep and head and _SPLIT_RE.match(tail):
-            return PREFIX + head, tail
+        m = _TAIL_RE.match(rest)  # the last ``:`` outside a [START:STOP] part
+        if m:
+            return PREFIX + m["head"], m["tail"]
     return PREFIX + rest, None
 
 

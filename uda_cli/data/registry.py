@@ -15,6 +15,7 @@ This module imports no torch at import time (``uda --help`` stays instant).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
@@ -90,13 +91,43 @@ def get_domain(name: str) -> DomainSpec:
     return _DOMAINS[name]
 
 
+_SLICE_RE = re.compile(r"^(?P<base>[^\[\]]*?)\s*\[\s*(?P<start>[+-]?\d*)\s*:\s*(?P<stop>[+-]?\d*)\s*\]$")
+
+
+def split_slice(split: str) -> tuple[str, slice | None]:
+    """``"train[:-1000]"`` -> ``("train", slice(None, -1000))``; ``"train"`` -> ``("train", None)``.
+
+    A split may end in ``[START:STOP]``, Python's slice of its images in file order (negative
+    counts from the end, either side may be empty, no step). That carves a labelled hold-out
+    from a target's train split for choosing settings: train on ``mnist:train[:-5000]``,
+    evaluate on ``mnist:train[-5000:]``, report ``mnist:test``.
+    """
+    if "[" not in split and "]" not in split:
+        return split, None
+    m = _SLICE_RE.match(split)
+    if not m:
+        raise ConfigError(f"cannot read the split {split!r}; a part of a split is written SPLIT[START:STOP], "
+                          "e.g. train[:-1000] or train[50000:]")
+    to_int = lambda t: int(t) if t not in ("", "+", "-") else None  # noqa: E731
+    if m["start"] in ("+", "-") or m["stop"] in ("+", "-"):
+        raise ConfigError(f"cannot read the split {split!r}; START and STOP are whole numbers, e.g. train[:-1000]")
+    return m["base"], slice(to_int(m["start"]), to_int(m["stop"]))
+
+
+def _slice_text(base: str, sl: slice | None) -> str:
+    if sl is None:
+        return base
+    return f"{base}[{'' if sl.start is None else sl.start}:{'' if sl.stop is None else sl.stop}]"
+
+
 def resolve_split(spec: DomainSpec, split: str | None, default: str) -> str:
-    split = split or default
-    if split not in spec.splits:
+    """The split to read, checked against the domain's; a ``[START:STOP]`` part is kept (normalised)."""
+    base, sl = split_slice(split or default)
+    if base not in spec.splits:
         raise ConfigError(
-            f"domain {spec.name!r} has no split {split!r}; its splits are: {', '.join(spec.splits)}"
+            f"domain {spec.name!r} has no split {base!r}; its splits are: {', '.join(spec.splits)}"
         )
-    return split
+    return _slice_text(base, sl)
 
 
 def default_data_root() -> Path:
@@ -121,7 +152,8 @@ def load_domain(
     """Read ``name:split`` and return ``(images uint8 [N, C, H, W], labels int64 [N])`` tensors.
 
     Grey images are repeated to 3 channels when ``channels == 3``; colour images are turned
-    grey (ITU-R 601 luma) when ``channels == 1``.
+    grey (ITU-R 601 luma) when ``channels == 1``. ``split`` may select part of a split,
+    ``train[:-1000]`` (:func:`split_slice`); only that part is kept.
     """
     import numpy as np
     import torch
@@ -132,7 +164,15 @@ def load_domain(
     split = resolve_split(spec, split, spec.train_split)
     root = resolve_data_root(data_root)
     folder = root / spec.dataset if spec.dataset else Path()
-    images, labels = spec.reader(folder, split)
+    base, sl = split_slice(split)
+    images, labels = spec.reader(folder, base)
+    if sl is not None:
+        n = len(labels)
+        # Copy the part: a view would keep the whole split alive behind the run's tensor.
+        images, labels = np.array(images[sl]), np.array(labels[sl])
+        if len(labels) == 0:
+            raise ConfigError(f"{name}:{split} selects no images ({name}:{base} has {n:,}); "
+                              f"pick START and STOP within 0..{n:,}")
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # NHWC -> NCHW view
     del images
     x = to_channels(x, channels or spec.channels)

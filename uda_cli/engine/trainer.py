@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 import threading
 import time
@@ -422,7 +423,11 @@ def _restore_rng(state: dict[str, Any], dist: "distributed.Dist", seed: int, ste
 
 def write_eval(folder: Path, domain: str, step: int, report: dict[str, Any], checkpoint: Path | None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{domain.replace(':', '_')}_step{step:08d}.json"
+    # A flat, shell-safe name, one "_" per other character so that parts of a split stay apart:
+    # mnist:test -> mnist_test, mnist:train[:-1000] -> mnist_train__-1000_, mnist:train[-1000:]
+    # -> mnist_train_-1000__, folder:/data/x:all -> folder__data_x_all (the payload has the domain).
+    name = re.sub(r"[^A-Za-z0-9.-]", "_", domain)
+    path = folder / f"{name}_step{step:08d}.json"
     payload = {"domain": domain, "step": step, "checkpoint": str(checkpoint) if checkpoint else None, **report}
     ckpt.atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())
     return path
