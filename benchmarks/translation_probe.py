@@ -16,10 +16,24 @@ then reads the translations G(x_s) of the run's source train split (up to ``--li
 - ``spread``: mean L1 distance between two random translations, divided by the same between
   two random real target images (1 = as varied as the target, 0 = one image for all).
 
+Three more columns read the run's own classifier, ``method.predict`` (what ``uda evaluate``
+scores: for I2I h∘f_y, which for digits, with one shared encoder, is also h∘f_x; PixelDA's T;
+DTN's C), on the same source images:
+
+- ``run on x_s %``: the run's classifier on x_s equals its label;
+- ``oracle = run %``: the oracle's class for G(x_s) equals the run's class for x_s. A
+  translator that draws the class the run reads in x_s scores high here even where the run
+  misreads x_s; when both this and ``label kept`` are at chance while ``run on x_s`` is high,
+  the translator draws some other class than the one the run finds in its input (for I2I: z
+  is aligned across domains overall, not class by class);
+- ``run on G(x_s) %``: the run's classifier on the translation equals x_s's label (what I2I's
+  L_trc and PixelDA's task loss train).
+
 Translations are taken as ``uda adapt-images`` writes them: ``method.translate`` in eval mode
 (batch norm with its running statistics, no dropout). With ``--batch-stats`` the networks are
 in train mode instead, normalised by the statistics of each batch of 64 source images, which
-is what the training losses saw (dropout is on then too).
+is what the training losses saw (dropout is on then too); the run's classifier is read in the
+same mode.
 
 The oracle uses target labels: it is a diagnostic of the translator, never a way to pick a
 run or a hyperparameter. Oracles are cached under ``--cache`` per (domain, split, channels,
@@ -37,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv: list[str] | None = None) -> int:
+    import re
     import tempfile
 
     import torch
@@ -66,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def oracle(tgt: str, tgt_eval: str, root, c: int, size, num_classes: int):
         name, split = parse_domain(tgt)
-        path = args.cache / f"{name}_{split or 'train'}_c{c}_{size[0]}x{size[1]}_steps{args.oracle_steps}_seed{args.seed}_v2.safetensors"
+        # A part of a split (mnist:train[:-5000]) in a flat, shell-safe name, as the run's eval/ reports.
+        stem = re.sub(r"[^A-Za-z0-9.-]", "_", f"{name}_{split or 'train'}")
+        path = args.cache / f"{stem}_c{c}_{size[0]}x{size[1]}_steps{args.oracle_steps}_seed{args.seed}_v2.safetensors"
         if path in oracles:
             return oracles[path]
         torch.manual_seed(args.seed)  # before the oracle's initialisation, which the seed must cover too
@@ -94,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             return (x[i] - x[j]).abs().mean().item()
         return mean_pair(a) / max(mean_pair(b), 1e-8)
 
-    print("| run | step | src→tgt | oracle % | label kept % | classes | top class % | spread |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| run | step | src→tgt | oracle % | label kept % | classes | top class % | spread | run on x_s % "
+          "| oracle = run % | run on G(x_s) % |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for run in args.runs:
         try:
             weights = ckpt.resolve_checkpoint(run)
@@ -112,22 +130,26 @@ def main(argv: list[str] | None = None) -> int:
         for m in method.nets.values():
             m.train(args.batch_stats)
         bs = 64 if args.batch_stats else 500
-        chunks = []
+        chunks, run_xs, run_gxs = [], [], []
         with torch.no_grad():
             for i in range(0, len(xs), bs):
                 x = normalize(xs[i : i + bs])
                 z = method.sample_noise(len(x), torch.empty(0)) if method.has_noise_input else None
                 chunks.append(method.translate(x, z).clamp(-1, 1))
-        g_xs = torch.cat(chunks)
+                run_xs.append(method.predict(x).argmax(1))
+                run_gxs.append(method.predict(chunks[-1]).argmax(1))
+        g_xs, run_xs, run_gxs = torch.cat(chunks), torch.cat(run_xs), torch.cat(run_gxs)
         pred = predict(net, g_xs)
-        kept = 100.0 * (pred == ys).float().mean().item()
+        pct = lambda a, b: 100.0 * (a == b).float().mean().item()  # noqa: E731
+        kept = pct(pred, ys)
         share = torch.bincount(pred, minlength=k).float() / len(pred)
         classes = int((share >= 0.02).sum())
         g = torch.Generator().manual_seed(args.seed)
         sp = spread(g_xs, xt, g)
         pair = f"{parse_domain(meta['src'])[0]}→{parse_domain(meta['tgt'])[0]}"
         print(f"| {run} | {meta['step']} | {pair} | {oracle_acc:.1f} | {kept:.1f} | {classes} | "
-              f"{100 * share.max().item():.0f} | {sp:.2f} |", flush=True)
+              f"{100 * share.max().item():.0f} | {sp:.2f} | {pct(run_xs, ys):.1f} | {pct(pred, run_xs):.1f} | "
+              f"{pct(run_gxs, ys):.1f} |", flush=True)
     return 0
 
 

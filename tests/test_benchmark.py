@@ -232,6 +232,9 @@ def test_translation_probe_tells_a_kept_digit_from_a_collapsed_translator(tmp_pa
     assert float(ident[3]) > 70  # the oracle reads USPS test
     assert float(ident[4]) > 40 and int(ident[5]) >= 8 and float(ident[6]) < 60 and float(ident[7]) > 0.5
     assert int(const[5]) == 1 and const[6] == "100" and const[7] == "0.00" and float(const[4]) < 20
+    # The run's own classifier: on x_s it does not depend on the translator; on an identity
+    # translator's G(x_s) = x_s it reads what it reads on x_s.
+    assert ident[8] == const[8] and ident[10] == ident[8] and 0 <= float(ident[9]) <= 100
     # An oracle trained afresh in another cache is the same network (its initialisation is seeded too).
     mode["kind"] = "identity"
     assert probe.main(argv[:-1] + [str(tmp_path / "oracles2")]) == 0
