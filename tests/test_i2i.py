@@ -241,6 +241,14 @@ def test_ltrc_reaches_f_y_and_h_but_not_the_decoder():
     assert has_grad(m.nets["g"]) and has_grad(m.nets["g_y"]) and has_grad(m.nets["f_x"])
 
 
+def test_ltrc_reaches_the_decoder_and_f_x_only_with_trc_to_decoder():
+    m = method(share_encoder=False, trc_to_decoder=True)
+    x, y, labels = batch()
+    m.loss_trc(m.forward(x, y), labels).backward()
+    assert all(has_grad(m.nets[n]) for n in ("f_y", "h", "g", "g_y", "f_x"))
+    assert no_grad(m.nets["g_x"])  # not on the path x -> f_x -> g -> g_y -> f_y -> h
+
+
 def test_ltrc_with_shared_encoder_trains_it_only_through_the_translation():
     m = method()
     x, y, labels = batch()

@@ -87,6 +87,9 @@ Where the paper is silent or we depart from it:
     run yet). benchmarks/results/2026-11-24_cpu_1core_session8_i2i_svhn_mnist.md,
     ..._session9_i2i_probe.md and ..._session10_i2i_decoders.md have the runs;
     benchmarks/translation_probe.py measures a translator.
+  * ``trc_to_decoder`` (default false, the paper's routing) lets L_trc reach g_y and f_x: an
+    ablation asking whether the routing is what leaves g_y free to draw another class than
+    the one z encodes on SVHN->MNIST.
   * ``decoder_shared_layers`` (default 2 of the 3 transposed convs; the paper says the
     decoders share "their first layers", not how many), ``tr_form`` (default non_saturating,
     above) and ``warmup_steps`` (default 0: the paper's objective from the first step) exist
@@ -193,6 +196,9 @@ class I2I(Method):
         warmup_steps: int = Field(
             0, ge=0, description="steps of L_c alone (a source classifier) before the other terms start; "
             "0 = the paper's objective from the first step")
+        trc_to_decoder: bool = Field(
+            False, description="not the paper: L_trc also trains g_y and f_x through the translation (the paper "
+            "stops it at the translated image so that g_y cannot hide class cues in it); an ablation")
         augment: bool = Field(True, description="random translation and rotation of both batches")
         augment_shift: float = Field(0.1, ge=0, description="largest shift, fraction of the image size")
         augment_rotate_deg: float = Field(10.0, ge=0, description="largest rotation in degrees")
@@ -302,7 +308,9 @@ class I2I(Method):
     def loss_trc(self, fw: I2IForward, labels: torch.Tensor) -> torch.Tensor:
         # The detach stops L_trc at the translated image: it trains f_y and h only, never g_y
         # (nor f_x upstream of it). This is a second f_y pass, apart from L_cyc's, on purpose.
-        return F.cross_entropy(self.nets["h"](self.f_y(fw.x2y.detach())), labels)
+        # trc_to_decoder (not the paper) lets it through to g_y and f_x.
+        x2y = fw.x2y if self.cfg.trc_to_decoder else fw.x2y.detach()
+        return F.cross_entropy(self.nets["h"](self.f_y(x2y)), labels)
 
     # ---- one step -----------------------------------------------------------------------------
     def train_step(self, batch, step):
