@@ -91,3 +91,17 @@ def test_train_on_part_of_the_target_and_evaluate_on_the_rest(tmp_path, capsys):
     assert report["domain"] == "tiny-tgt:train[-16:]" and report["num_samples"] == 16
     code, _, err = run(["evaluate", str(out), "--domain", "tiny-tgt:train[-16]"], capsys)
     assert code != 0 and len(err.strip().splitlines()) == 1 and "SPLIT[START:STOP]" in err
+
+
+def test_a_part_of_a_folder_domain(tmp_path):
+    from PIL import Image
+
+    for k, cls in enumerate(("a", "b")):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            Image.fromarray(np.full((8, 8), 40 * (3 * k + i), np.uint8)).save(tmp_path / cls / f"{i}.png")
+    whole_x, whole_y = load_domain(f"folder:{tmp_path}", "all")
+    name, split = parse_domain(f"folder:{tmp_path}:all[1:-1]")
+    assert split == "all[1:-1]"
+    x, y = load_domain(name, split)
+    assert len(y) == 4 and (x == whole_x[1:-1]).all() and y.tolist() == whole_y[1:-1].tolist()

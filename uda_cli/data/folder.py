@@ -65,8 +65,8 @@ def split_folder_text(text: str) -> tuple[str, str | None]:
 
     The rule: when everything after ``folder:`` names an existing folder, all of it is the
     path (so a path may contain ``:``); otherwise a trailing ``:WORD`` (letters, digits,
-    ``_``, ``-``), or part of one, ``:WORD[START:STOP]``, is the split. ``folder:/data/x:all`` is the folder ``/data/x``, split
-    ``all``, unless a folder named ``x:all`` exists there.
+    ``_``, ``-``), or part of one, ``:WORD[START:STOP]``, is the split. ``folder:/data/x:all``
+    is the folder ``/data/x``, split ``all``, unless a folder named ``x:all`` exists there.
     """
     rest = text[len(PREFIX):]
     if rest and not Path(rest).expanduser().is_dir():

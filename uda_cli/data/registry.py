@@ -108,10 +108,9 @@ def split_slice(split: str) -> tuple[str, slice | None]:
     if not m:
         raise ConfigError(f"cannot read the split {split!r}; a part of a split is written SPLIT[START:STOP], "
                           "e.g. train[:-1000] or train[50000:]")
-    to_int = lambda t: int(t) if t not in ("", "+", "-") else None  # noqa: E731
     if m["start"] in ("+", "-") or m["stop"] in ("+", "-"):
         raise ConfigError(f"cannot read the split {split!r}; START and STOP are whole numbers, e.g. train[:-1000]")
-    return m["base"], slice(to_int(m["start"]), to_int(m["stop"]))
+    return m["base"], slice(int(m["start"]) if m["start"] else None, int(m["stop"]) if m["stop"] else None)
 
 
 def _slice_text(base: str, sl: slice | None) -> str:
