@@ -51,14 +51,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv: list[str] | None = None) -> int:
-    import re
     import tempfile
 
     import torch
     from safetensors.torch import load_file, save_file
 
     from benchmarks.probe_common import Domains, fit, predict
-    from uda_cli.data.registry import parse_domain
+    from uda_cli.data.registry import flat_name, parse_domain
     from uda_cli.data.transforms import normalize
     from uda_cli.engine import checkpoint as ckpt
     from uda_cli.engine.adapt import check_translator
@@ -81,9 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def oracle(tgt: str, tgt_eval: str, root, c: int, size, num_classes: int):
         name, split = parse_domain(tgt)
-        # A part of a split (mnist:train[:-5000]) in a flat, shell-safe name, as the run's eval/ reports.
-        stem = re.sub(r"[^A-Za-z0-9.-]", "_", f"{name}_{split or 'train'}")
-        path = args.cache / f"{stem}_c{c}_{size[0]}x{size[1]}_steps{args.oracle_steps}_seed{args.seed}_v2.safetensors"
+        path = args.cache / f"{flat_name(name)}_{flat_name(split or 'train')}_c{c}_{size[0]}x{size[1]}_steps{args.oracle_steps}_seed{args.seed}_v2.safetensors"
         if path in oracles:
             return oracles[path]
         torch.manual_seed(args.seed)  # before the oracle's initialisation, which the seed must cover too
@@ -102,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         xe = normalize(xe)
         oracles[path] = net, 100.0 * (predict(net, xe) == ye).float().mean().item(), xe
         return oracles[path]
+
+    def pct(a: torch.Tensor, b: torch.Tensor) -> float:
+        return 100.0 * (a == b).float().mean().item()
 
     def spread(a: torch.Tensor, b: torch.Tensor, g: torch.Generator) -> float:
         """Mean L1 distance between random pairs of a, over the same for b (images in [-1, 1])."""
@@ -140,7 +140,6 @@ def main(argv: list[str] | None = None) -> int:
                 run_gxs.append(method.predict(chunks[-1]).argmax(1))
         g_xs, run_xs, run_gxs = torch.cat(chunks), torch.cat(run_xs), torch.cat(run_gxs)
         pred = predict(net, g_xs)
-        pct = lambda a, b: 100.0 * (a == b).float().mean().item()  # noqa: E731
         kept = pct(pred, ys)
         share = torch.bincount(pred, minlength=k).float() / len(pred)
         classes = int((share >= 0.02).sum())

@@ -119,6 +119,14 @@ def _slice_text(base: str, sl: slice | None) -> str:
     return f"{base}[{'' if sl.start is None else sl.start}:{'' if sl.stop is None else sl.stop}]"
 
 
+def flat_name(text: str) -> str:
+    """A domain text as a flat, shell-safe part of a file name: one ``_`` per character other
+    than letters, digits, ``.`` and ``-``, so that parts of a split stay apart. ``mnist:test`` ->
+    ``mnist_test``, ``mnist:train[:-1000]`` -> ``mnist_train__-1000_``, ``mnist:train[-1000:]`` ->
+    ``mnist_train_-1000__``, ``folder:/data/x:all`` -> ``folder__data_x_all``."""
+    return re.sub(r"[^A-Za-z0-9.-]", "_", text)
+
+
 def resolve_split(spec: DomainSpec, split: str | None, default: str) -> str:
     """The split to read, checked against the domain's; a ``[START:STOP]`` part is kept (normalised)."""
     base, sl = split_slice(split or default)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import signal
 import threading
 import time
@@ -44,7 +43,7 @@ import torch
 from uda_cli import __version__
 from uda_cli.config import TrainOptions, method_config
 from uda_cli.data.batches import InMemoryDomain, PairedBatches
-from uda_cli.data.registry import DomainSpec, get_domain, load_domain, parse_domain, resolve_split
+from uda_cli.data.registry import DomainSpec, flat_name, get_domain, load_domain, parse_domain, resolve_split
 from uda_cli.engine import checkpoint as ckpt
 from uda_cli.engine import distributed
 from uda_cli.engine.logging import RunLogger
@@ -423,11 +422,7 @@ def _restore_rng(state: dict[str, Any], dist: "distributed.Dist", seed: int, ste
 
 def write_eval(folder: Path, domain: str, step: int, report: dict[str, Any], checkpoint: Path | None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    # A flat, shell-safe name, one "_" per other character so that parts of a split stay apart:
-    # mnist:test -> mnist_test, mnist:train[:-1000] -> mnist_train__-1000_, mnist:train[-1000:]
-    # -> mnist_train_-1000__, folder:/data/x:all -> folder__data_x_all (the payload has the domain).
-    name = re.sub(r"[^A-Za-z0-9.-]", "_", domain)
-    path = folder / f"{name}_step{step:08d}.json"
+    path = folder / f"{flat_name(domain)}_step{step:08d}.json"  # the payload has the domain itself
     payload = {"domain": domain, "step": step, "checkpoint": str(checkpoint) if checkpoint else None, **report}
     ckpt.atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())
     return path
