@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from uda_cli.cli.options import DataRoot, Device
+from uda_cli.cli.options import Device, RunDataRoot
 from uda_cli.errors import UDAError
 
 
@@ -19,7 +19,7 @@ def adapt_images(
     limit: Annotated[Optional[int], typer.Option("--limit", help="Translate only the first N images of the split.", show_default=False)] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seeds the noise: image i, sample k gets the same noise on every call [0].", show_default=False)] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per batch [256].", show_default=False)] = None,
-    data_root: DataRoot = None,
+    data_root: RunDataRoot = None,
     device: Device = None,
 ) -> None:
     """Translate a source domain with a trained translator and write it as a folder dataset."""

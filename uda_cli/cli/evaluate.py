@@ -7,14 +7,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from uda_cli.cli.options import BatchSize, DataRoot, Device
+from uda_cli.cli.options import BatchSize, Device, RunDataRoot
 
 
 def evaluate(
     target: Annotated[Path, typer.Argument(metavar="RUN_OR_CHECKPOINT", help="A run folder (its latest checkpoint) or a .safetensors checkpoint.")],
     domain: Annotated[Optional[str], typer.Option("--domain", help="NAME[:split[START:STOP]] to evaluate on [the run's target test split].", show_default=False)] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here [<run>/eval/...].", show_default=False)] = None,
-    data_root: DataRoot = None,
+    data_root: RunDataRoot = None,
     device: Device = None,
     batch_size: BatchSize = None,
 ) -> None:

@@ -12,6 +12,12 @@ DataRoot = Annotated[
     typer.Option("--data-root", help="Where datasets live (default: $UDA_DATA_ROOT or ~/.cache/uda/data).",
                  show_default=False),
 ]
+# Commands that read a run's domains again (evaluate, adapt-images, tsne).
+RunDataRoot = Annotated[
+    Optional[Path],
+    typer.Option("--data-root", help="Where datasets live (default: the run's own --data-root when that folder "
+                 "still exists, else $UDA_DATA_ROOT or ~/.cache/uda/data).", show_default=False),
+]
 Device = Annotated[
     Optional[str], typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.", show_default=False)
 ]

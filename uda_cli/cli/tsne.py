@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from uda_cli.cli.options import BatchSize, DataRoot, Device
+from uda_cli.cli.options import BatchSize, Device, RunDataRoot
 
 
 def tsne(
@@ -18,7 +18,7 @@ def tsne(
     samples: Annotated[Optional[int], typer.Option("--samples", help="Up to N images per domain, drawn class-balanced [1000].", show_default=False)] = None,
     perplexity: Annotated[Optional[float], typer.Option("--perplexity", help="t-SNE perplexity, capped at (points - 1) / 3 [30].", show_default=False)] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seeds the draw, the embedding and the domain classifier [0].", show_default=False)] = None,
-    data_root: DataRoot = None,
+    data_root: RunDataRoot = None,
     device: Device = None,
     batch_size: BatchSize = None,
 ) -> None:

@@ -262,11 +262,12 @@ def _preview(out: Path, layout: Layout, images: torch.Tensor, labels: list[int],
 
 
 def adapt_images(opts: AdaptImagesOptions, interactive: bool | None = None) -> ExportResult:
-    from uda_cli.engine.trainer import load_method
+    from uda_cli.engine.trainer import load_method, run_data_root
 
     weights = ckpt.resolve_checkpoint(opts.target)
     meta = ckpt.read_metadata(weights)
     check_translator(weights, meta)
+    opts = opts.model_copy(update={"data_root": run_data_root(opts.data_root, meta)})
     run = RunSpec.from_json(meta["spec"])
 
     domain_text = opts.domain or meta.get("src") or meta["options"]["src"]

@@ -21,12 +21,13 @@ from uda_cli.errors import ConfigError
 
 
 def evaluate_checkpoint(opts: EvaluateOptions) -> tuple[dict[str, Any], Path | None]:
-    from uda_cli.engine.trainer import load_method, write_eval
+    from uda_cli.engine.trainer import load_method, run_data_root, write_eval
 
     weights = ckpt.resolve_checkpoint(opts.target)
     dist = distributed.setup(opts.device)
     device = dist.device
     method, meta = load_method(weights, device)
+    opts = opts.model_copy(update={"data_root": run_data_root(opts.data_root, meta)})
     if method.spec.task != "classification":
         raise ConfigError(f"{weights} is a {method.spec.task} checkpoint; `uda evaluate` reports classification only so far")
     domain_text = opts.domain or meta.get("tgt_eval") or meta["options"]["tgt"]

@@ -91,6 +91,19 @@ def load_method(weights: Path, device: torch.device) -> tuple[Method, dict[str, 
     return method, meta
 
 
+def run_data_root(given: Path | None, meta: dict[str, Any]) -> Path | None:
+    """The data root for reading a run's domains again (evaluate, adapt-images, tsne).
+
+    ``--data-root`` when given; else the run's own ``--data-root`` when that folder still
+    exists (a run trained on ``--data-root /scratch/data`` is evaluated on the same files
+    without repeating it); else None: ``UDA_DATA_ROOT`` or the cache folder, as for training.
+    """
+    if given is not None:
+        return given
+    saved = meta.get("options", {}).get("data_root")
+    return Path(saved) if saved and Path(saved).is_dir() else None
+
+
 # ---- optimizers ---------------------------------------------------------------------------------
 
 def _lr_lambda(spec: OptimSpec, total: int) -> Callable[[int], float]:

@@ -257,11 +257,12 @@ def _resolve(text: str, run: RunSpec) -> tuple[DomainSpec, str]:
 
 
 def run_tsne(opts: TsneOptions, interactive: bool | None = None) -> TsneResult:
-    from uda_cli.engine.trainer import load_method
+    from uda_cli.engine.trainer import load_method, run_data_root
 
     weights = ckpt.resolve_checkpoint(opts.target)
     meta = ckpt.read_metadata(weights)
     run = RunSpec.from_json(meta["spec"])
+    opts = opts.model_copy(update={"data_root": run_data_root(opts.data_root, meta)})
     if opts.out is not None:
         out = opts.out
     elif weights.parent.name == "checkpoints":
