@@ -58,46 +58,27 @@ Where the paper is silent or we depart from it:
     Measured on MNIST->MNIST-M (not a pair of the paper; cpu budget of benchmarks/digits.py,
     seed 0): 53.0% grey, 56.5% colour, against 56.8 / 56.7% for source-only under the same
     budget; colour recovers what grey loses there, and neither beats source-only.
-  * Measured on SVHN->MNIST (the paper's pair, 80.3%) with the 1,083-image SVHN subset, cpu
-    budget (1,200 steps, batch 64), six runs over two machines: these defaults reach
-    50.2 +- 3.1% against 51.8 +- 1.3% for source-only, i.e. they do not beat it. The
-    translator g_y(f_x(x)) collapses within 300 steps in every run: an MNIST classifier
-    reads its outputs as one to three classes and agrees with the SVHN label on 6-13% of
-    them (chance 10%; 70-79% on USPS->MNIST, where I2I wins), so L_trc trains h on
-    target-looking images with wrong labels. Without L_tr nothing collapses but only 24% of
-    labels survive the translation. Dropping L_tr gives 55.3%, dropping L_trc 54.8%, L_c +
-    L_z alone (Table 1's DANN-like weights, ``examples/i2i/dann_like.toml``) 56.5% (3 seeds
-    each); continued to 3,000 steps the defaults stay level with L_c alone (52.9 vs 53.8%,
-    seeds 0-1).
-    The decoders are what collapses: on that run g_x and g_y each draw one image whatever z
-    they get (L1 reconstruction no better than the domain's mean image), while a fresh decoder
-    trained on the same frozen z reconstructs SVHN at half the mean image's error. None of
-    these brought the labels back through g_y (session 10, seeds 0-1): 10x lambda_z,
-    ``warmup_steps=400``, ``decoder_shared_layers=1``, ``tr_form="minimax"``, lambda_cyc=0.
-    A 4x smaller lambda_tr (0.005, the paper's Office-31 weight) does keep the decoders
-    using z (reconstruction at 0.6-0.8 of the mean image's error, translations spread over
-    8-9 classes) but still not the labels (11 / 17% kept), and reaches 54.4 / 45.7% (seeds
-    0-1, against 55.1 / 52.6 for these defaults): the collapse is not the only thing between
-    this budget and the paper's number. h reads the SVHN class from z on 80-82% of the source
-    images, but the digit g_y draws from that z agrees with h's reading on 12-16% (26% without
-    L_tr; 73-80% on USPS->MNIST): L_z matches the domains' z overall, not class by class.
-    Continued to 3,000 steps that run falls to 47.3 / 44.8%: h fits the translations (64-67%
-    read as the source label) while the oracle reads the label in only 20-25% of them.
-    Whether the paper's schedule on all of SVHN escapes the collapse is not measured (no GPU
-    run yet). benchmarks/results/2026-11-24_cpu_1core_session8_i2i_svhn_mnist.md,
-    ..._session9_i2i_probe.md and ..._session10_i2i_decoders.md have the runs;
-    benchmarks/translation_probe.py measures a translator.
-  * ``trc_to_decoder`` (default false, the paper's routing) lets L_trc reach g_y and f_x: an
-    ablation asking whether the routing is what leaves g_y free to draw another class than
-    the one z encodes on SVHN->MNIST. Measured there (cpu budget, seeds 0-2): 54.6 / 57.8 /
-    50.1%, 54.2 +- 3.9 against 51.7 +- 2.0 for source-only and 51.4 +- 4.4 for the defaults,
-    too close for three seeds to call. h then reads the source label in 68-74% of the
-    translations but an MNIST classifier in 10-35%: g_y hides cues that h reads, the cheating
-    the paper's routing is there to stop. On USPS->MNIST it does no harm (81.5 vs 80.0%, seed
-    0). Together with lambda_tr=0.005 it beats source-only on SVHN->MNIST on each of five seeds
-    (55.9 +- 1.8 against 50.7 +- 2.8), but h reads the label in 77-83% of the translations and an
-    MNIST classifier in only 7-42%. So it works through L_trc on target-styled images, not
-    through translations that keep the digit. Two departures from the paper: not the default.
+  * Measured on SVHN->MNIST (the paper's pair, 80.3%) with the 1,083-image SVHN subset at the
+    cpu budget (1,200 steps, batch 64), these defaults do not beat source-only: 50.2 +- 3.1%
+    against 51.8 +- 1.3% over six runs on two machines. What the probes found
+    (benchmarks/translation_probe.py, benchmarks/i2i_decoder_probe.py): L_tr makes g_x and g_y
+    draw one image whatever z they get, so L_trc trains h on target-looking images with wrong
+    labels; with lambda_tr=0.005 the decoders use z again, but the digit g_y draws from an SVHN
+    z agrees with h's reading of that z on 12-16% of images (73-83% on USPS->MNIST, whose
+    source is as small). L_z matches the domains' z overall, not class by class. L_c + L_z
+    alone (Table 1's DANN-like weights, ``examples/i2i/dann_like.toml``) reaches 56.5 +- 1.7%.
+    No variant brought the labels back through g_y: 10x lambda_z, ``warmup_steps=400``,
+    ``decoder_shared_layers=1``, ``tr_form="minimax"``, lambda_cyc=0, 3,000 steps. Whether the
+    paper's schedule on all 73k SVHN images escapes this is not measured (no GPU run yet).
+    Runs: benchmarks/results/2026-11-24_cpu_1core_session{8_i2i_svhn_mnist,9_i2i_probe,
+    10_i2i_decoders}.md.
+  * ``trc_to_decoder`` (default false, the paper's routing) lets L_trc reach g_y and f_x, an
+    ablation of the routing. On SVHN->MNIST, with lambda_tr=0.005
+    (``examples/i2i/svhn_mnist_trc_to_decoder.toml``), it beats source-only on each of five
+    seeds (55.9 +- 1.8 against 50.7 +- 2.8), but h reads the source label in 77-83% of the
+    translations and an MNIST classifier in only 7-42%: it works through L_trc on
+    target-styled images, the cheating the paper's routing stops, not through translations
+    that keep the digit. Two departures from the paper, so not the default.
     benchmarks/results/2026-11-24_cpu_1core_session12_i2i.md.
   * ``decoder_shared_layers`` (default 2 of the 3 transposed convs; the paper says the
     decoders share "their first layers", not how many), ``tr_form`` (default non_saturating,
