@@ -21,6 +21,10 @@ out of training (the run adapts to ``TGT:train[:-N]``) and reports accuracy on t
 beside the test accuracy: pick settings by that column, report the test one. Without it the
 table has only test accuracy, which must not be used to pick settings.
 
+Run folders: ``--out DIR`` keeps them as ``DIR/<method>_<pair>_<budget>[_<set values>]_s<seed>``
+(controls ``source-only@...``), so one DIR can hold a sweep of ``--set`` values; a folder that
+already holds a run stops the script before its first run. Without ``--out`` they are temporary.
+
 Budgets: ``smoke`` (seconds, for tests), ``cpu`` (what finishes on 2 CPU cores in well under
 an hour per method and pair), ``paper`` (the method's own default schedule, for a GPU).
 Throughput counts source + target images per second of training steps.
@@ -216,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default="source-only")
     ap.add_argument("--pairs", default=",".join(PAIRS))
     ap.add_argument("--budget", choices=("smoke", "cpu", "paper"), default="cpu")
-    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--seeds", type=_seed_list, default=[0], metavar="S,S,...")
     ap.add_argument("--steps", type=int, help="override the budget's steps")
     ap.add_argument("--batch-size", type=int, help="override the budget's batch size")
     ap.add_argument("--control", action="store_true",
@@ -259,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
                                        **PAIR_PARAMS.get((method, key), {}), **sets})
     except ConfigError as e:
         ap.error("; ".join(str(e).splitlines()))
+    if args.out:  # a folder that already holds a run would stop the benchmark when its turn came, hours in
+        taken = [n for n in _planned_folders(args, pairs, sets) if (args.out / n / "checkpoints" / "latest").exists()]
+        if taken:
+            ap.error(f"{args.out / taken[0]} already holds a run ({len(taken)} of this benchmark's folders do); "
+                     "pass another --out")
     prepare_data_root(args.shared, args.data_root, pairs)
     dev = device_name(args.device)
     rows = []
@@ -283,6 +292,35 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _seed_list(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give whole numbers separated by commas, e.g. 0,1,2") from None
+
+
+def run_folder(method: str, key: str, budget: str, seed: int, sets: dict, control: bool = False) -> str:
+    """A run's folder name under --out. The --set values are part of it (the control's too, since
+    it is the control of that setting), so one --out can hold a sweep of settings without two
+    runs meeting in one folder: ``i2i_svhn-mnist_cpu_lambda_tr_0.005_s1``."""
+    from uda_cli.data.registry import flat_name
+
+    tag = "".join(f"_{flat_name(f'{k}={v}')}" for k, v in sorted(sets.items()))
+    return f"{'source-only@' if control else ''}{method}_{key}_{budget}{tag}_s{seed}"
+
+
+def _planned_folders(args, pairs: list[str], sets: dict) -> list[str]:
+    seeds = args.seeds
+    names = []
+    for method in args.methods.split(","):
+        for key in pairs:
+            for seed in seeds:
+                names.append(run_folder(method, key, args.budget, seed, sets))
+                if args.control and method != "source-only":
+                    names.append(run_folder(method, key, args.budget, seed, sets, control=True))
+    return names
+
+
 def _run_all(args, pairs: list[str], sets: dict, rows: list[dict], record) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = args.out or Path(tmp)
@@ -291,14 +329,14 @@ def _run_all(args, pairs: list[str], sets: dict, rows: list[dict], record) -> No
                 b = budget_for(method, args.budget, key)
                 steps, batch = args.steps or b.steps, args.batch_size or b.batch_size
                 params = {**dict(b.params), **PAIR_PARAMS.get((method, key), {}), **sets}
-                for seed in (int(s) for s in args.seeds.split(",")):
-                    out = base / f"{method}_{key}_{args.budget}_s{seed}"
+                for seed in args.seeds:
+                    out = base / run_folder(method, key, args.budget, seed, sets)
                     record(run_one(method, PAIRS[key], steps, seed, args.device, args.data_root, out, batch, params,
                                    args.target_val), key)
                     if args.control and method != "source-only":
                         r = run_one("source-only", PAIRS[key], rows[-1]["steps"], seed, args.device, args.data_root,
-                                    base / f"source-only@{method}_{key}_{args.budget}_s{seed}", rows[-1]["batch_size"],
-                                    target_val=args.target_val)
+                                    base / run_folder(method, key, args.budget, seed, sets, control=True),
+                                    rows[-1]["batch_size"], target_val=args.target_val)
                         r["method"] = f"source-only @ {method}"
                         record(r, key)
 

@@ -102,8 +102,20 @@ def test_set_reaches_the_run_and_the_table_and_a_bad_one_stops_before_any_run(tm
     assert rows[0]["params"] == {"lambda_cyc": 0} and rows[1]["method"] == "source-only @ i2i"
     assert rows[1]["params"] == {}  # the control is plain source-only
     assert "| lambda_cyc=0 |" in capsys.readouterr().out
-    cfg = json.loads((tmp_path / "runs" / "i2i_mnist-usps_smoke_s0" / "config.json").read_text())
+    cfg = json.loads((tmp_path / "runs" / "i2i_mnist-usps_smoke_lambda_cyc_0_s0" / "config.json").read_text())
     assert cfg["config"]["lambda_cyc"] == 0 and cfg["options"]["params"] == {"lambda_cyc": 0}
+    assert (tmp_path / "runs" / "source-only@i2i_mnist-usps_smoke_lambda_cyc_0_s0" / "checkpoints" / "latest").exists()
+    # The same settings again into the same --out: refused before the first run, not when its turn comes.
+    refused(bench.main, ["--methods", "i2i", "--set", "lambda_cyc=0", "--seeds", "1,0", "--json",
+                         str(tmp_path / "again.json"), *common], "i2i_mnist-usps_smoke_lambda_cyc_0_s0 already holds a run",
+            capsys)
+    assert not (tmp_path / "again.json").exists() and not (tmp_path / "runs" / "i2i_mnist-usps_smoke_lambda_cyc_0_s1").exists()
+    # Another setting into the same --out gets its own folder.
+    assert bench.main(["--methods", "i2i", "--set", "lambda_cyc=0.5", *common]) == 0
+    cfg = json.loads((tmp_path / "runs" / "i2i_mnist-usps_smoke_lambda_cyc_0.5_s0" / "config.json").read_text())
+    assert cfg["config"]["lambda_cyc"] == 0.5
+    refused(bench.main, ["--methods", "i2i", "--seeds", "0,one", *common], "give whole numbers separated by commas",
+            capsys)
 
 
 def test_target_val_holds_target_images_out_of_training_and_reports_them(tmp_path, capsys):
