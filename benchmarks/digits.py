@@ -309,36 +309,34 @@ def run_folder(method: str, key: str, budget: str, seed: int, sets: dict, contro
     return f"{'source-only@' if control else ''}{method}_{key}_{budget}{tag}_s{seed}"
 
 
+def _plan(args, pairs: list[str]) -> list[tuple[str, str, int, bool]]:
+    """(method, pair, seed, with a control) for each run of this invocation, in run order."""
+    return [(m, key, seed, args.control and m != "source-only")
+            for m in args.methods.split(",") for key in pairs for seed in args.seeds]
+
+
 def _planned_folders(args, pairs: list[str], sets: dict) -> list[str]:
-    seeds = args.seeds
-    names = []
-    for method in args.methods.split(","):
-        for key in pairs:
-            for seed in seeds:
-                names.append(run_folder(method, key, args.budget, seed, sets))
-                if args.control and method != "source-only":
-                    names.append(run_folder(method, key, args.budget, seed, sets, control=True))
-    return names
+    return [name for m, key, seed, control in _plan(args, pairs)
+            for name in [run_folder(m, key, args.budget, seed, sets)]
+            + ([run_folder(m, key, args.budget, seed, sets, control=True)] if control else [])]
 
 
 def _run_all(args, pairs: list[str], sets: dict, rows: list[dict], record) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = args.out or Path(tmp)
-        for method in args.methods.split(","):
-            for key in pairs:
-                b = budget_for(method, args.budget, key)
-                steps, batch = args.steps or b.steps, args.batch_size or b.batch_size
-                params = {**dict(b.params), **PAIR_PARAMS.get((method, key), {}), **sets}
-                for seed in args.seeds:
-                    out = base / run_folder(method, key, args.budget, seed, sets)
-                    record(run_one(method, PAIRS[key], steps, seed, args.device, args.data_root, out, batch, params,
-                                   args.target_val), key)
-                    if args.control and method != "source-only":
-                        r = run_one("source-only", PAIRS[key], rows[-1]["steps"], seed, args.device, args.data_root,
-                                    base / run_folder(method, key, args.budget, seed, sets, control=True),
-                                    rows[-1]["batch_size"], target_val=args.target_val)
-                        r["method"] = f"source-only @ {method}"
-                        record(r, key)
+        for method, key, seed, control in _plan(args, pairs):
+            b = budget_for(method, args.budget, key)
+            steps, batch = args.steps or b.steps, args.batch_size or b.batch_size
+            params = {**dict(b.params), **PAIR_PARAMS.get((method, key), {}), **sets}
+            out = base / run_folder(method, key, args.budget, seed, sets)
+            record(run_one(method, PAIRS[key], steps, seed, args.device, args.data_root, out, batch, params,
+                           args.target_val), key)
+            if control:
+                r = run_one("source-only", PAIRS[key], rows[-1]["steps"], seed, args.device, args.data_root,
+                            base / run_folder(method, key, args.budget, seed, sets, control=True),
+                            rows[-1]["batch_size"], target_val=args.target_val)
+                r["method"] = f"source-only @ {method}"
+                record(r, key)
 
 
 if __name__ == "__main__":
