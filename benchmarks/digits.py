@@ -264,7 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         ap.error("; ".join(str(e).splitlines()))
     if args.out:  # a folder that already holds a run would stop the benchmark when its turn came, hours in
-        taken = [n for n in _planned_folders(args, pairs, sets) if (args.out / n / "checkpoints" / "latest").exists()]
+        from uda_cli.engine.checkpoint import holds_run
+
+        taken = [n for n in _planned_folders(args, pairs, sets) if holds_run(args.out / n)]
         if taken:
             ap.error(f"{args.out / taken[0]} already holds a run ({len(taken)} of this benchmark's folders do); "
                      "pass another --out")
@@ -316,9 +318,12 @@ def _plan(args, pairs: list[str]) -> list[tuple[str, str, int, bool]]:
 
 
 def _planned_folders(args, pairs: list[str], sets: dict) -> list[str]:
-    return [name for m, key, seed, control in _plan(args, pairs)
-            for name in [run_folder(m, key, args.budget, seed, sets)]
-            + ([run_folder(m, key, args.budget, seed, sets, control=True)] if control else [])]
+    names = []
+    for m, key, seed, control in _plan(args, pairs):
+        names.append(run_folder(m, key, args.budget, seed, sets))
+        if control:
+            names.append(run_folder(m, key, args.budget, seed, sets, control=True))
+    return names
 
 
 def _run_all(args, pairs: list[str], sets: dict, rows: list[dict], record) -> None:

@@ -194,6 +194,11 @@ def _prune(ckpt_dir: Path, keep: int, current: int) -> None:
             (ckpt_dir / f"{step_name(s)}{suffix}").unlink(missing_ok=True)
 
 
+def holds_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` already holds a run: its ``checkpoints/latest`` pointer exists."""
+    return (Path(run_dir) / "checkpoints" / "latest").exists()
+
+
 def resolve_checkpoint(path: Path) -> Path:
     """A run folder, its ``checkpoints/`` folder, or a weights file -> the weights file."""
     path = Path(path)

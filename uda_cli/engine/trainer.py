@@ -180,13 +180,13 @@ def resolve_run(opts: TrainOptions) -> tuple[type[Method], MethodConfig, int, in
 
 def _find_resume(opts: TrainOptions, ckpt_dir: Path) -> Path | None:
     if opts.resume is None:
-        if (ckpt_dir / "latest").exists():
+        if ckpt.holds_run(ckpt_dir.parent):
             raise ConfigError(
                 f"{ckpt_dir.parent} already holds a run; pass --resume auto to continue it or --out for a new run folder"
             )
         return None
     if opts.resume == "auto":
-        return ckpt.resolve_checkpoint(ckpt_dir.parent) if (ckpt_dir / "latest").exists() else None
+        return ckpt.resolve_checkpoint(ckpt_dir.parent) if ckpt.holds_run(ckpt_dir.parent) else None
     return ckpt.resolve_checkpoint(Path(opts.resume))
 
 
