@@ -74,7 +74,13 @@ source, C sees as few distinct images as the source has and overfits them (its l
 augmentation makes it read real targets better: SVHN->MNIST, same f and batch order, after
 300 / 400 adversarial steps 37.3 / 44.2% with it vs 31.8 / 39.8% without. The cpu budget of
 ``benchmarks/digits.py`` turns it on for SVHN->MNIST. These settings were compared on MNIST's
-test set (one seed), the number the table reports: read them as tuned on it.
+test set (one seed), the number the table reports: read them as tuned on it. Session 15 re-read
+``c_augment`` on 5,000 held-out MNIST train images (``--target-val 5000``, 2,000 augmented
+pretraining steps then 400 adversarial ones, seeds 0-2; results
+2026-11-24_cpu_1core_session15_held_out.md): on 40.8 / 43.5 / 34.5% test and 41.4 / 44.2 /
+33.6% held out, off 32.6 / 38.8 / 36.9% and 30.7 / 37.2 / 36.5%. Held out prefers what test
+prefers on each seed, but over seeds the choice is not clear at that length: ahead on two,
+behind on one (+3.5 +- 5.4 test, +4.9 +- 7.0 held out).
 
 Where it stands (benchmarks/results; SVHN->MNIST on the 1,083-image SVHN subset, batch 32,
 seeds 0-2, 2,000 steps of f pretraining with ``pretrain_augment``, ``c_augment`` on). The
