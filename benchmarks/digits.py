@@ -257,16 +257,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         sets = parse_set(args.sets)
-        for method in args.methods.split(","):  # every run's settings checked before the first starts
-            for key in pairs:
-                method_config(method, {**dict(budget_for(method, args.budget, key).params),
-                                       **PAIR_PARAMS.get((method, key), {}), **sets})
+        plan = _plan(args, pairs, sets)
+        for run in plan:  # every run's settings checked before the first starts
+            method_config(run.method, run.params)
     except ConfigError as e:
         ap.error("; ".join(str(e).splitlines()))
     if args.out:  # a folder that already holds a run would stop the benchmark when its turn came, hours in
         from uda_cli.engine.checkpoint import holds_run
 
-        taken = [n for n in _planned_folders(args, pairs, sets) if holds_run(args.out / n)]
+        taken = [n for run in plan for n in (run.folder, run.control_folder) if n and holds_run(args.out / n)]
         if taken:
             ap.error(f"{args.out / taken[0]} already holds a run ({len(taken)} of this benchmark's folders do); "
                      "pass another --out")
@@ -287,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(128 + int(late))
 
     try:
-        _run_all(args, pairs, sets, rows, record)
+        _run_all(args, plan, rows, record)
     except ConfigError as e:  # input found bad once a run reads it (a --target-val over the split's size)
         ap.error("; ".join(str(e).splitlines()))
     print(fmt_table(rows, args.budget, dev))
@@ -311,37 +310,45 @@ def run_folder(method: str, key: str, budget: str, seed: int, sets: dict, contro
     return f"{'source-only@' if control else ''}{method}_{key}_{budget}{tag}_s{seed}"
 
 
-def _plan(args, pairs: list[str]) -> list[tuple[str, str, int, bool]]:
-    """(method, pair, seed, with a control) for each run of this invocation, in run order."""
-    return [(m, key, seed, args.control and m != "source-only")
-            for m in args.methods.split(",") for key in pairs for seed in args.seeds]
+@dataclass(frozen=True)
+class PlannedRun:
+    method: str
+    key: str
+    seed: int
+    steps: int | None
+    batch: int | None
+    params: dict  # the budget's, the pair's, then --set
+    folder: str
+    control_folder: str | None  # the same-budget source-only run after it (--control), if any
 
 
-def _planned_folders(args, pairs: list[str], sets: dict) -> list[str]:
-    names = []
-    for m, key, seed, control in _plan(args, pairs):
-        names.append(run_folder(m, key, args.budget, seed, sets))
-        if control:
-            names.append(run_folder(m, key, args.budget, seed, sets, control=True))
-    return names
+def _plan(args, pairs: list[str], sets: dict) -> list[PlannedRun]:
+    """Each run of this invocation in run order, as the settings check, the up-front folder check
+    and the run loop all read it."""
+    plan = []
+    for m in args.methods.split(","):
+        for key in pairs:
+            b = budget_for(m, args.budget, key)
+            params = {**dict(b.params), **PAIR_PARAMS.get((m, key), {}), **sets}
+            for seed in args.seeds:
+                control = args.control and m != "source-only"
+                plan.append(PlannedRun(m, key, seed, args.steps or b.steps, args.batch_size or b.batch_size, params,
+                                       run_folder(m, key, args.budget, seed, sets),
+                                       run_folder(m, key, args.budget, seed, sets, control=True) if control else None))
+    return plan
 
 
-def _run_all(args, pairs: list[str], sets: dict, rows: list[dict], record) -> None:
+def _run_all(args, plan: list[PlannedRun], rows: list[dict], record) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = args.out or Path(tmp)
-        for method, key, seed, control in _plan(args, pairs):
-            b = budget_for(method, args.budget, key)
-            steps, batch = args.steps or b.steps, args.batch_size or b.batch_size
-            params = {**dict(b.params), **PAIR_PARAMS.get((method, key), {}), **sets}
-            out = base / run_folder(method, key, args.budget, seed, sets)
-            record(run_one(method, PAIRS[key], steps, seed, args.device, args.data_root, out, batch, params,
-                           args.target_val), key)
-            if control:
-                r = run_one("source-only", PAIRS[key], rows[-1]["steps"], seed, args.device, args.data_root,
-                            base / run_folder(method, key, args.budget, seed, sets, control=True),
-                            rows[-1]["batch_size"], target_val=args.target_val)
-                r["method"] = f"source-only @ {method}"
-                record(r, key)
+        for run in plan:
+            record(run_one(run.method, PAIRS[run.key], run.steps, run.seed, args.device, args.data_root,
+                           base / run.folder, run.batch, run.params, args.target_val), run.key)
+            if run.control_folder:
+                r = run_one("source-only", PAIRS[run.key], rows[-1]["steps"], run.seed, args.device, args.data_root,
+                            base / run.control_folder, rows[-1]["batch_size"], target_val=args.target_val)
+                r["method"] = f"source-only @ {run.method}"
+                record(r, run.key)
 
 
 if __name__ == "__main__":

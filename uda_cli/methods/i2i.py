@@ -72,8 +72,8 @@ Where the paper is silent or we depart from it:
     paper's schedule on all 73k SVHN images escapes this is not measured (no GPU run yet).
     Runs: benchmarks/results/2026-11-24_cpu_1core_session{8_i2i_svhn_mnist,9_i2i_probe,
     10_i2i_decoders}.md. Scored on 5,000 held-out MNIST train images (``digits.py --target-val
-    5000``, seeds 0-4), L_c + L_z ranks above the defaults and the trc_to_decoder setting below
-    on every seed (test 56.8 +- 1.0, defaults 53.0 +- 3.3, source-only 50.7 +- 2.7): on this
+    5000``, seeds 0-4), L_c + L_z ranks above both the defaults and the trc_to_decoder setting
+    (below) on every seed (test 56.8 +- 1.0, defaults 53.0 +- 3.3, source-only 50.7 +- 2.7): on this
     pair at this budget, use ``dann_like.toml``'s weights. On MNIST->USPS and USPS->MNIST too,
     L_c + L_z is level with the full objective at the cpu budget (87.3 / 83.3% against 86.4 /
     81.0%, seeds 0-2) at a tenth of its time: the translation terms add nothing measurable at
