@@ -87,6 +87,20 @@ def test_interrupt_then_resume_equals_uninterrupted(tmp_path, src):
     assert steps == sorted(set(steps))  # no duplicated records after resume
 
 
+@pytest.mark.parametrize("method,kind", [("source-only", "Adam"), ("dann", "SGD")])
+def test_cpu_optimizers_are_fused_and_their_checkpoint_says_so(tmp_path, method, kind):
+    from uda_cli.engine.trainer import fused_ok
+
+    assert fused_ok([torch.zeros(2), torch.zeros(3)]) is True
+    for other in ([], [torch.zeros(2, device="meta")], [torch.zeros(2), torch.zeros(2, dtype=torch.int64)]):
+        assert fused_ok(other) is None  # torch's default: no fused kernel we have run
+    train(opts(tmp_path, method=method, steps=2, save_every=100, eval_every=0), interactive=False)
+    state = ckpt.read_train_state(ckpt.resolve_checkpoint(tmp_path / "run"))
+    groups = [g for opt in state["optim"].values() for g in opt["param_groups"]]
+    assert groups and all(g["fused"] is True for g in groups)
+    assert ("betas" in groups[0]) == (kind == "Adam") and ("nesterov" in groups[0]) == (kind == "SGD")
+
+
 def test_resume_refuses_other_options(tmp_path):
     train(opts(tmp_path, steps=4), interactive=False)
     with pytest.raises(CheckpointError, match="batch size"):
