@@ -101,6 +101,22 @@ def test_cpu_optimizers_are_fused_and_their_checkpoint_says_so(tmp_path, method,
     assert ("betas" in groups[0]) == (kind == "Adam") and ("nesterov" in groups[0]) == (kind == "SGD")
 
 
+def test_a_torch_without_the_fused_kernel_gets_the_default_one():
+    from uda_cli.engine import trainer
+
+    made = []
+
+    class OldSGD(torch.optim.SGD):  # the signature of a torch from before fused SGD
+        def __init__(self, params, lr, momentum=0.0, weight_decay=0.0, **kw):
+            if "fused" in kw:
+                raise TypeError("__init__() got an unexpected keyword argument 'fused'")
+            made.append(self)
+            super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+    opt = trainer._optimizer(OldSGD, [{"params": [torch.nn.Parameter(torch.zeros(2))]}], True, lr=0.1, momentum=0.9)
+    assert made == [opt] and not opt.param_groups[0]["fused"]
+
+
 def test_resume_refuses_other_options(tmp_path):
     train(opts(tmp_path, steps=4), interactive=False)
     with pytest.raises(CheckpointError, match="batch size"):

@@ -133,9 +133,19 @@ def fused_ok(params: list[torch.Tensor]) -> bool | None:
     float operations: an Adam run (source-only, I2I, PixelDA, DTN) with a given seed is not
     bit for bit the one it was before this change, as it is not on another machine. A
     checkpoint stores the choice with the optimizer state, so a run resumed from an older
-    checkpoint goes on with the kernels it started with, and a resume stays exact.
+    checkpoint goes on with the kernels it started with, and a resume stays exact. A torch
+    without the fused kernel for a device (the CPU ones are recent) gets its default kernels.
     """
     return True if params and all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params) else None
+
+
+def _optimizer(cls: type[torch.optim.Optimizer], groups: list[dict[str, Any]], fused: bool | None, **kw: Any):
+    if fused:
+        try:
+            return cls(groups, fused=True, **kw)
+        except (TypeError, RuntimeError):  # a torch older than its fused kernel for this device
+            pass
+    return cls(groups, **kw)
 
 
 def build_optimizers(method: Method, total: int):
@@ -148,11 +158,12 @@ def build_optimizers(method: Method, total: int):
         groups = [{"params": list(method.nets[n].parameters()), "lr": s.lr * s.lr_mult.get(n, 1.0)} for n in s.nets]
         groups = [g for g in groups if g["params"]]
         params[gname] = [p for g in groups for p in g["params"]]
-        fused = fused_ok(params[gname])
         if s.kind == "adam":
-            opt = torch.optim.Adam(groups, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay, fused=fused)
+            opt = _optimizer(torch.optim.Adam, groups, fused_ok(params[gname]), lr=s.lr, betas=s.betas,
+                             weight_decay=s.weight_decay)
         else:
-            opt = torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay, fused=fused)
+            opt = _optimizer(torch.optim.SGD, groups, fused_ok(params[gname]), lr=s.lr, momentum=s.momentum,
+                             weight_decay=s.weight_decay)
         optims[gname] = opt
         scheds[gname] = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s, total))
     return specs, optims, scheds, params
