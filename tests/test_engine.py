@@ -113,7 +113,7 @@ def test_a_torch_without_the_fused_kernel_gets_the_default_one():
             made.append(self)
             super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
-    opt = trainer._optimizer(OldSGD, [{"params": [torch.nn.Parameter(torch.zeros(2))]}], True, lr=0.1, momentum=0.9)
+    opt = trainer.make_optimizer(OldSGD, [{"params": [torch.nn.Parameter(torch.zeros(2))]}], True, lr=0.1, momentum=0.9)
     assert made == [opt] and not opt.param_groups[0]["fused"]
 
 

@@ -139,7 +139,8 @@ def fused_ok(params: list[torch.Tensor]) -> bool | None:
     return True if params and all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params) else None
 
 
-def _optimizer(cls: type[torch.optim.Optimizer], groups: list[dict[str, Any]], fused: bool | None, **kw: Any):
+def make_optimizer(cls: type[torch.optim.Optimizer], groups: list[dict[str, Any]], fused: bool | None, **kw: Any):
+    """``cls(groups, **kw)``, with ``fused=True`` when asked and this torch has that kernel."""
     if fused:
         try:
             return cls(groups, fused=True, **kw)
@@ -159,10 +160,10 @@ def build_optimizers(method: Method, total: int):
         groups = [g for g in groups if g["params"]]
         params[gname] = [p for g in groups for p in g["params"]]
         if s.kind == "adam":
-            opt = _optimizer(torch.optim.Adam, groups, fused_ok(params[gname]), lr=s.lr, betas=s.betas,
+            opt = make_optimizer(torch.optim.Adam, groups, fused_ok(params[gname]), lr=s.lr, betas=s.betas,
                              weight_decay=s.weight_decay)
         else:
-            opt = _optimizer(torch.optim.SGD, groups, fused_ok(params[gname]), lr=s.lr, momentum=s.momentum,
+            opt = make_optimizer(torch.optim.SGD, groups, fused_ok(params[gname]), lr=s.lr, momentum=s.momentum,
                              weight_decay=s.weight_decay)
         optims[gname] = opt
         scheds[gname] = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s, total))
