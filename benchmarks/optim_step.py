@@ -3,13 +3,14 @@
     python benchmarks/optim_step.py [--device cpu|cuda] [--steps 20] [--batch-size 64]
 
 For each digit network (LeNet, 0.66M parameters; the SVHN network, 25.9M) and each optimizer
-the methods use (Adam as source-only / I2I / PixelDA / DTN set it, SGD with momentum and
-weight decay as DANN does), it trains the same network from the same weights on one fixed
-batch for ``--steps`` steps, once with torch's default kernels and once with ``fused=True``
-(what ``uda_cli.engine.trainer.build_optimizers`` picks on cpu and cuda; on a torch without that kernel both columns run the default one), and prints the mean
-time of the optimizer step, of the whole step (forward, backward, optimizer) and the largest
-difference between the two runs' weights at the end. Set ``OMP_NUM_THREADS`` to compare like
-with like; the first two steps are not timed.
+the methods use (Adam as source-only / I2I / PixelDA / DTN set it, SGD with momentum and weight
+decay as DANN does), it trains the same network from the same weights on one fixed batch for
+``--steps`` steps, once with torch's default kernels and once with ``fused=True`` (what
+``uda_cli.engine.trainer.build_optimizers`` picks on cpu and cuda; on a torch without that
+kernel both columns run the default one), and prints the mean time of the optimizer step, of
+the whole step (forward, backward, optimizer) and the largest difference between the two runs'
+weights at the end. Set ``OMP_NUM_THREADS`` to compare like with like; the first two steps are
+not timed.
 """
 
 from __future__ import annotations
