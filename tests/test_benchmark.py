@@ -286,10 +286,13 @@ def test_i2i_decoder_probe_tells_a_decoder_that_uses_z_from_one_that_ignores_it(
     refused(probe.main, [str(other)], "is a source-only run; this probe reads i2i runs", capsys)
 
 
-def test_optim_step_prints_both_networks_and_fused_sgd_keeps_the_weights(capsys):
+def test_optim_step_prints_both_networks_and_the_fused_kernels_take_the_same_step(capsys):
     rc = load_bench("optim_step").main(["--steps", "1", "--batch-size", "4"])
     rows = [l.split(" | ") for l in capsys.readouterr().out.splitlines() if l.startswith(("| lenet", "| svhn"))]
     assert rc == 0 and [(r[0], r[2]) for r in rows] == [("| lenet", "adam"), ("| lenet", "sgd"),
                                                         ("| svhn", "adam"), ("| svhn", "sgd")]
     assert [r[1] for r in rows] == ["0.66M", "0.66M", "25.90M", "25.90M"]
-    assert all(r[-1] == "0 |" for r in rows if r[2] == "sgd")  # fused SGD: the same weights, bit for bit
+    # One step from the same weights: float rounding apart, the same update (lr 0.01 for SGD,
+    # 2e-4 for Adam, whose step is lr * g / (|g| + eps) and can flip where |g| is near eps).
+    diffs = {r[2]: max(float(x[-1].rstrip(" |")) for x in rows if x[2] == r[2]) for r in rows}
+    assert diffs["sgd"] < 1e-6 and diffs["adam"] <= 4e-4
