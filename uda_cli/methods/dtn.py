@@ -80,8 +80,10 @@ pretraining steps then 400 adversarial ones, seeds 0-2; results
 2026-11-24_cpu_1core_session15_held_out.md): on 40.8 / 43.5 / 34.5% test and 41.4 / 44.2 /
 33.6% held out, off 32.6 / 38.8 / 36.9% and 30.7 / 37.2 / 36.5%. Held out prefers what test
 prefers on each seed, but over seeds the choice is not clear at that length: ahead on two,
-behind on one (+3.5 +- 5.4 test, +4.9 +- 7.0 held out). At the cpu budget's full 4,500 steps,
-seed 0 only: on 59.4% test / 60.4% held out, off 53.1 / 54.0, so held out keeps it there.
+behind on one (+3.5 +- 5.4 test, +4.9 +- 7.0 held out). At the cpu budget's full 4,500 steps
+(sessions 15-16, seeds 0-2; 2026-11-25_cpu_1core_session16.md) it is ahead on every seed in
+both: on 60.3 +- 0.7% test / 61.3 +- 0.9% held out, off 52.9 +- 2.4 / 52.5 +- 4.1 (seed 2, behind
+at 400 adversarial steps, is ahead by 10.3 / 14.3 points). Held out keeps it on.
 
 Where it stands (benchmarks/results; SVHN->MNIST on the 1,083-image SVHN subset, batch 32,
 seeds 0-2, 2,000 steps of f pretraining with ``pretrain_augment``, ``c_augment`` on). The
