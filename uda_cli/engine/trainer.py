@@ -118,14 +118,15 @@ def _lr_lambda(spec: OptimSpec, total: int) -> Callable[[int], float]:
     raise ValueError(spec.schedule)
 
 
-# Devices whose fused Adam / SGD kernels we have run: one kernel per step over all of a group's
-# tensors instead of a Python loop of small ops per parameter. Elsewhere (mps, xpu, ...) torch's
-# default stands.
+# Where the trainer asks for torch's fused Adam / SGD kernels: one kernel per step over all of a
+# group's tensors instead of a Python loop of small ops per parameter. Measured on cpu
+# (benchmarks/optim_step.py); cuda is where torch's fused kernels began, not yet run by us (no
+# GPU in any session so far). Elsewhere (mps, xpu, ...) torch's default stands.
 FUSED_DEVICES = ("cpu", "cuda")
 
 
 def fused_ok(params: list[torch.Tensor]) -> bool | None:
-    """``fused=True`` for an optimizer over ``params`` where torch has the kernel, else None.
+    """``fused=True`` for an optimizer over ``params`` on those devices, else None (torch's default).
 
     Measured on one CPU core with the SVHN network's 25.9M parameters (benchmarks/optim_step.py):
     an Adam step takes a tenth of the time, an SGD step with momentum and weight decay a sixth.
@@ -133,10 +134,10 @@ def fused_ok(params: list[torch.Tensor]) -> bool | None:
     weights bit for bit in that benchmark, but not in a whole DANN run (MNIST2000->USPS1800,
     60 steps: the domain loss differs in the seventh digit), and fused Adam differs from the
     first steps. So a run with a given seed is not bit for bit the one it was before this
-    change, as it is not on another machine; runs compare over seeds. A
-    checkpoint stores the choice with the optimizer state, so a run resumed from an older
-    checkpoint goes on with the kernels it started with, and a resume stays exact. A torch
-    without the fused kernel for a device (the CPU ones are recent) gets its default kernels.
+    change, as it is not on another machine; runs compare over seeds. A checkpoint stores the
+    choice with the optimizer state, so a run resumed from an older checkpoint goes on with the
+    kernels it started with, and a resume stays exact. A torch without the fused kernel for a
+    device (the CPU ones are recent) gets its default kernels (``make_optimizer``).
     """
     return True if params and all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params) else None
 
@@ -161,12 +162,12 @@ def build_optimizers(method: Method, total: int):
         groups = [{"params": list(method.nets[n].parameters()), "lr": s.lr * s.lr_mult.get(n, 1.0)} for n in s.nets]
         groups = [g for g in groups if g["params"]]
         params[gname] = [p for g in groups for p in g["params"]]
+        fused = fused_ok(params[gname])
         if s.kind == "adam":
-            opt = make_optimizer(torch.optim.Adam, groups, fused_ok(params[gname]), lr=s.lr, betas=s.betas,
-                             weight_decay=s.weight_decay)
+            opt = make_optimizer(torch.optim.Adam, groups, fused, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
         else:
-            opt = make_optimizer(torch.optim.SGD, groups, fused_ok(params[gname]), lr=s.lr, momentum=s.momentum,
-                             weight_decay=s.weight_decay)
+            opt = make_optimizer(torch.optim.SGD, groups, fused, lr=s.lr, momentum=s.momentum,
+                                 weight_decay=s.weight_decay)
         optims[gname] = opt
         scheds[gname] = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s, total))
     return specs, optims, scheds, params
