@@ -128,8 +128,10 @@ FUSED_DEVICES = ("cpu", "cuda")
 def fused_ok(params: list[torch.Tensor]) -> bool | None:
     """``fused=True`` for an optimizer over ``params`` on those devices, else None (torch's default).
 
-    Measured on one CPU core with the SVHN network's 25.9M parameters (benchmarks/optim_step.py):
-    an Adam step takes a tenth of the time, an SGD step with momentum and weight decay a sixth.
+    Measured on one idle CPU core with the SVHN network's 25.9M parameters (benchmarks/optim_step.py):
+    an Adam step 183 -> 17 ms, an SGD step with momentum and weight decay 77 -> 12 ms, a whole
+    source-only step (batch 64) 532 -> 355 ms; source-only on SVHN->MNIST 867 -> 599 s a run
+    (benchmarks/results/2026-11-25_cpu_1core_session16.md, with the accuracies over seeds).
     The fused kernels are the same algorithms in other float operations. Fused SGD left the
     weights bit for bit in that benchmark, but not in a whole DANN run (MNIST2000->USPS1800,
     60 steps: the domain loss differs in the seventh digit), and fused Adam differs from the
