@@ -327,11 +327,11 @@ def _plan(args, pairs: list[str], sets: dict) -> list[PlannedRun]:
     and the run loop all read it."""
     plan = []
     for m in args.methods.split(","):
+        control = args.control and m != "source-only"
         for key in pairs:
             b = budget_for(m, args.budget, key)
             params = {**dict(b.params), **PAIR_PARAMS.get((m, key), {}), **sets}
             for seed in args.seeds:
-                control = args.control and m != "source-only"
                 plan.append(PlannedRun(m, key, seed, args.steps or b.steps, args.batch_size or b.batch_size, params,
                                        run_folder(m, key, args.budget, seed, sets),
                                        run_folder(m, key, args.budget, seed, sets, control=True) if control else None))

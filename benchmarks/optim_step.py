@@ -3,14 +3,13 @@
     python benchmarks/optim_step.py [--device cpu|cuda] [--steps 20] [--batch-size 64]
 
 For each digit network (LeNet, 0.66M parameters; the SVHN network, 25.9M) and each optimizer
-the methods use (Adam as source-only / I2I / PixelDA / DTN set it, SGD with momentum and weight
-decay as DANN does), it trains the same network from the same weights on one fixed batch for
-``--steps`` steps, once with torch's default kernels and once with ``fused=True`` (what
-``uda_cli.engine.trainer.build_optimizers`` picks on cpu and cuda; on a torch without that
-kernel both columns run the default one), and prints the mean time of the optimizer step, of
-the whole step (forward, backward, optimizer) and the largest difference between the two runs'
-weights at the end. Set ``OMP_NUM_THREADS`` to compare like with like; the first two steps are
-not timed.
+the methods use (Adam with source-only's settings, SGD with DANN's), built as the trainer builds
+it (``uda_cli.engine.trainer.make_optimizer``), it trains the same network from the same weights
+on one fixed batch for ``--steps`` steps, once with torch's default kernels and once with the
+fused ones the trainer picks on cpu and cuda (on a torch without them both columns run the
+default), and prints the mean time of the optimizer step, of the whole step (forward, backward,
+optimizer) and the largest difference between the two runs' weights at the end. Set
+``OMP_NUM_THREADS`` to compare like with like; the first two steps are not timed.
 """
 
 from __future__ import annotations
@@ -28,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.nn.functional as F
 
-    from uda_cli.engine.trainer import fused_ok, make_optimizer
+    from uda_cli.config import method_config
+    from uda_cli.engine.trainer import make_optimizer
+    from uda_cli.methods.base import OptimSpec
     from uda_cli.models.digits import digit_backbone
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -44,21 +45,16 @@ def main(argv: list[str] | None = None) -> int:
         print("--steps must be at least 1", file=sys.stderr)
         return 2
 
-    optimizers = {  # as the trainer builds them (make_optimizer), with the methods' settings
-        "adam": lambda p, fused: make_optimizer(torch.optim.Adam, [{"params": p}], fused, lr=2e-4, betas=(0.5, 0.999),
-                                                weight_decay=2.5e-5),
-        "sgd": lambda p, fused: make_optimizer(torch.optim.SGD, [{"params": p}], fused, lr=0.01, momentum=0.9,
-                                               weight_decay=5e-4),
-    }
+    optimizers = {name: OptimSpec.from_config(method_config(method, {}), ())  # the methods' own settings
+                  for name, method in (("adam", "source-only"), ("sgd", "dann"))}
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def train(net, make, fused, x, y):
+    def train(net, spec, fused, x, y):
         net = copy.deepcopy(net)
-        params = list(net.parameters())
-        opt = make(params, fused_ok(params) if fused else None)
+        opt = make_optimizer(spec, [{"params": list(net.parameters())}], fused)
         step_s = total_s = 0.0
         for i in range(args.steps + 2):
             sync()
@@ -88,11 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         n = sum(p.numel() for p in net.parameters())
         x = torch.randn(args.batch_size, channels, 32, 32, device=device)
         y = torch.randint(0, 10, (args.batch_size,), device=device)
-        for name, make in optimizers.items():
+        for name, spec in optimizers.items():
             torch.manual_seed(1)  # the same dropout masks in both runs
-            a, a_step, a_total = train(net, make, False, x, y)
+            a, a_step, a_total = train(net, spec, False, x, y)
             torch.manual_seed(1)
-            b, b_step, b_total = train(net, make, True, x, y)
+            b, b_step, b_total = train(net, spec, True, x, y)
             diff = max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
             print(f"| {kind} | {n / 1e6:.2f}M | {name} | {a_step:.1f} / {b_step:.1f} | {a_total:.1f} / {b_total:.1f} "
                   f"| {diff:.2g} |")

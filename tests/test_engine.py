@@ -93,7 +93,7 @@ def test_cpu_optimizers_are_fused_and_their_checkpoint_says_so(tmp_path, method,
 
     assert fused_ok([torch.zeros(2), torch.zeros(3)]) is True
     for other in ([], [torch.zeros(2, device="meta")], [torch.zeros(2), torch.zeros(2, dtype=torch.int64)]):
-        assert fused_ok(other) is None  # torch's default: no fused kernel we have run
+        assert fused_ok(other) is False  # torch's default: no fused kernel we have run
     train(opts(tmp_path, method=method, steps=2, save_every=100, eval_every=0), interactive=False)
     state = ckpt.read_train_state(ckpt.resolve_checkpoint(tmp_path / "run"))
     groups = [g for opt in state["optim"].values() for g in opt["param_groups"]]
@@ -101,8 +101,9 @@ def test_cpu_optimizers_are_fused_and_their_checkpoint_says_so(tmp_path, method,
     assert ("betas" in groups[0]) == (kind == "Adam") and ("nesterov" in groups[0]) == (kind == "SGD")
 
 
-def test_a_torch_without_the_fused_kernel_gets_the_default_one():
+def test_a_torch_without_the_fused_kernel_gets_the_default_one(monkeypatch):
     from uda_cli.engine import trainer
+    from uda_cli.methods.base import OptimSpec
 
     made = []
 
@@ -113,8 +114,11 @@ def test_a_torch_without_the_fused_kernel_gets_the_default_one():
             made.append(self)
             super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
-    opt = trainer.make_optimizer(OldSGD, [{"params": [torch.nn.Parameter(torch.zeros(2))]}], True, lr=0.1, momentum=0.9)
+    monkeypatch.setattr(torch.optim, "SGD", OldSGD)
+    spec = OptimSpec(nets=("F",), kind="sgd", lr=0.1, momentum=0.9)
+    opt = trainer.make_optimizer(spec, [{"params": [torch.nn.Parameter(torch.zeros(2))]}])
     assert made == [opt] and not opt.param_groups[0]["fused"]
+    assert opt.param_groups[0]["lr"] == 0.1 and opt.param_groups[0]["momentum"] == 0.9
 
 
 def test_resume_refuses_other_options(tmp_path):

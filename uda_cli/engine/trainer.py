@@ -125,28 +125,36 @@ def _lr_lambda(spec: OptimSpec, total: int) -> Callable[[int], float]:
 FUSED_DEVICES = ("cpu", "cuda")
 
 
-def fused_ok(params: list[torch.Tensor]) -> bool | None:
-    """``fused=True`` for an optimizer over ``params`` on those devices, else None (torch's default).
+def fused_ok(params: list[torch.Tensor]) -> bool:
+    """Whether an optimizer over ``params`` asks for the fused kernel: all on those devices, floats.
 
-    Measured on one idle CPU core with the SVHN network's 25.9M parameters (benchmarks/optim_step.py):
-    an Adam step 183 -> 17 ms, an SGD step with momentum and weight decay 77 -> 12 ms, a whole
-    source-only step (batch 64) 532 -> 355 ms; source-only on SVHN->MNIST 867 -> 599 s a run
-    (benchmarks/results/2026-11-25_cpu_1core_session16.md, with the accuracies over seeds).
-    The fused kernels are the same algorithms in other float operations. Fused SGD left the
-    weights bit for bit in that benchmark, but not in a whole DANN run (MNIST2000->USPS1800,
-    60 steps: the domain loss differs in the seventh digit), and fused Adam differs from the
-    first steps. So a run with a given seed is not bit for bit the one it was before this
-    change, as it is not on another machine; runs compare over seeds. A checkpoint stores the
-    choice with the optimizer state, so a run resumed from an older checkpoint goes on with the
-    kernels it started with, and a resume stays exact. A torch without the fused kernel for a
-    device (the CPU ones are recent) gets its default kernels (``make_optimizer``).
+    Measured on one idle CPU core with the SVHN network's 25.9M parameters
+    (benchmarks/optim_step.py): an Adam step (source-only's settings) 175 -> 16 ms, a whole
+    source-only step (batch 64) 511 -> 347 ms, source-only on SVHN->MNIST 867 -> 599 s a run; an
+    SGD step (DANN's settings) 17 -> 11 ms, the whole step unchanged
+    (benchmarks/results/2026-11-25_cpu_1core_session16.md, with the accuracies over seeds). The
+    fused kernels are the same algorithms in other float operations: a DANN run
+    (MNIST2000->USPS1800, 60 steps) differs in the seventh digit of the domain loss, and fused
+    Adam differs from the first steps. So a run with a given seed is not bit for bit the one it
+    was before this change, as it is not on another machine; runs compare over seeds. A
+    checkpoint stores the choice with the optimizer state, so a run resumed from an older
+    checkpoint goes on with the kernels it started with, and a resume stays exact. A torch
+    without the fused kernel for a device (the CPU ones are recent) gets its default kernels
+    (``make_optimizer``).
     """
-    return True if params and all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params) else None
+    return bool(params) and all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
 
 
-def make_optimizer(cls: type[torch.optim.Optimizer], groups: list[dict[str, Any]], fused: bool | None, **kw: Any):
-    """``cls(groups, **kw)``, with ``fused=True`` when asked and this torch has that kernel."""
-    if fused:
+def make_optimizer(spec: OptimSpec, groups: list[dict[str, Any]], fused: bool = True) -> torch.optim.Optimizer:
+    """The optimizer ``spec`` names (Adam or SGD, its lr, betas or momentum, weight decay) over
+    ``groups``; with ``fused`` (the default), torch's fused kernel where ``fused_ok`` allows it
+    and this torch has it."""
+    if spec.kind == "adam":
+        cls, kw = torch.optim.Adam, {"betas": spec.betas}
+    else:
+        cls, kw = torch.optim.SGD, {"momentum": spec.momentum}
+    kw.update(lr=spec.lr, weight_decay=spec.weight_decay)
+    if fused and fused_ok([p for g in groups for p in g["params"]]):
         try:
             return cls(groups, fused=True, **kw)
         except (TypeError, RuntimeError):  # a torch older than its fused kernel for this device
@@ -164,13 +172,7 @@ def build_optimizers(method: Method, total: int):
         groups = [{"params": list(method.nets[n].parameters()), "lr": s.lr * s.lr_mult.get(n, 1.0)} for n in s.nets]
         groups = [g for g in groups if g["params"]]
         params[gname] = [p for g in groups for p in g["params"]]
-        fused = fused_ok(params[gname])
-        if s.kind == "adam":
-            opt = make_optimizer(torch.optim.Adam, groups, fused, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
-        else:
-            opt = make_optimizer(torch.optim.SGD, groups, fused, lr=s.lr, momentum=s.momentum,
-                                 weight_decay=s.weight_decay)
-        optims[gname] = opt
+        optims[gname] = opt = make_optimizer(s, groups)
         scheds[gname] = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s, total))
     return specs, optims, scheds, params
 
