@@ -21,9 +21,11 @@ out of training (the run adapts to ``TGT:train[:-N]``) and reports accuracy on t
 beside the test accuracy: pick settings by that column, report the test one. Without it the
 table has only test accuracy, which must not be used to pick settings.
 
-Run folders: ``--out DIR`` keeps them as ``DIR/<method>_<pair>_<budget>[_<set values>]_s<seed>``
-(controls ``source-only@...``), so one DIR can hold a sweep of ``--set`` values; a folder that
-already holds a run stops the script before its first run. Without ``--out`` they are temporary.
+Run folders: ``--out DIR`` keeps them as
+``DIR/<method>_<pair>_<budget>[_steps<N>][_b<N>][_val<N>][_<set values>]_s<seed>`` (the parts in
+brackets when ``--steps``, ``--batch-size``, ``--target-val`` or ``--set`` are given; controls
+``source-only@...``), so one DIR can hold a sweep of settings or lengths; a folder that already
+holds a run stops the script before its first run. Without ``--out`` they are temporary.
 
 Budgets: ``smoke`` (seconds, for tests), ``cpu`` (what finishes on 2 CPU cores in well under
 an hour per method and pair), ``paper`` (the method's own default schedule, for a GPU).
@@ -300,13 +302,18 @@ def _seed_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r}: give whole numbers separated by commas, e.g. 0,1,2") from None
 
 
-def run_folder(method: str, key: str, budget: str, seed: int, sets: dict, control: bool = False) -> str:
-    """A run's folder name under --out. The --set values are part of it (the control's too, since
-    it is the control of that setting), so one --out can hold a sweep of settings without two
-    runs meeting in one folder: ``i2i_svhn-mnist_cpu_lambda_tr_0.005_s1``."""
+def run_folder(method: str, key: str, budget: str, seed: int, sets: dict, control: bool = False,
+               steps: int | None = None, batch: int | None = None, target_val: int = 0) -> str:
+    """A run's folder name under --out. What the command line changed from the budget is part of
+    it: --steps, --batch-size and --target-val when given, then the --set values (the control's
+    folder too, since it is the control of that setting), so one --out can hold a sweep of
+    settings or lengths without two runs meeting in one folder:
+    ``i2i_svhn-mnist_cpu_lambda_tr_0.005_s1``, ``source-only_svhn-mnist_cpu_steps4500_b32_val5000_s0``."""
     from uda_cli.data.registry import flat_name
 
-    tag = "".join(f"_{flat_name(f'{k}={v}')}" for k, v in sorted(sets.items()))
+    given = (("steps", steps), ("b", batch), ("val", target_val or None))
+    tag = "".join(f"_{name}{n}" for name, n in given if n is not None)
+    tag += "".join(f"_{flat_name(f'{k}={v}')}" for k, v in sorted(sets.items()))
     return f"{'source-only@' if control else ''}{method}_{key}_{budget}{tag}_s{seed}"
 
 
@@ -332,9 +339,11 @@ def _plan(args, pairs: list[str], sets: dict) -> list[PlannedRun]:
             b = budget_for(m, args.budget, key)
             params = {**dict(b.params), **PAIR_PARAMS.get((m, key), {}), **sets}
             for seed in args.seeds:
+                name = dict(budget=args.budget, seed=seed, sets=sets, steps=args.steps, batch=args.batch_size,
+                            target_val=args.target_val)
                 plan.append(PlannedRun(m, key, seed, args.steps or b.steps, args.batch_size or b.batch_size, params,
-                                       run_folder(m, key, args.budget, seed, sets),
-                                       run_folder(m, key, args.budget, seed, sets, control=True) if control else None))
+                                       run_folder(m, key, **name),
+                                       run_folder(m, key, **name, control=True) if control else None))
     return plan
 
 

@@ -102,18 +102,22 @@ def test_set_reaches_the_run_and_the_table_and_a_bad_one_stops_before_any_run(tm
     assert rows[0]["params"] == {"lambda_cyc": 0} and rows[1]["method"] == "source-only @ i2i"
     assert rows[1]["params"] == {}  # the control is plain source-only
     assert "| lambda_cyc=0 |" in capsys.readouterr().out
-    cfg = json.loads((tmp_path / "runs" / "i2i_mnist-usps_smoke_lambda_cyc_0_s0" / "config.json").read_text())
+    cfg = json.loads((tmp_path / "runs" / "i2i_mnist-usps_smoke_b8_lambda_cyc_0_s0" / "config.json").read_text())
     assert cfg["config"]["lambda_cyc"] == 0 and cfg["options"]["params"] == {"lambda_cyc": 0}
-    assert (tmp_path / "runs" / "source-only@i2i_mnist-usps_smoke_lambda_cyc_0_s0" / "checkpoints" / "latest").exists()
+    assert (tmp_path / "runs" / "source-only@i2i_mnist-usps_smoke_b8_lambda_cyc_0_s0" / "checkpoints" / "latest").exists()
     # The same settings again into the same --out: refused before the first run, not when its turn comes.
     refused(bench.main, ["--methods", "i2i", "--set", "lambda_cyc=0", "--seeds", "1,0", "--json",
-                         str(tmp_path / "again.json"), *common], "i2i_mnist-usps_smoke_lambda_cyc_0_s0 already holds a run",
+                         str(tmp_path / "again.json"), *common], "i2i_mnist-usps_smoke_b8_lambda_cyc_0_s0 already holds a run",
             capsys)
-    assert not (tmp_path / "again.json").exists() and not (tmp_path / "runs" / "i2i_mnist-usps_smoke_lambda_cyc_0_s1").exists()
+    assert not (tmp_path / "again.json").exists() and not (tmp_path / "runs" / "i2i_mnist-usps_smoke_b8_lambda_cyc_0_s1").exists()
     # Another setting into the same --out gets its own folder.
     assert bench.main(["--methods", "i2i", "--set", "lambda_cyc=0.5", *common]) == 0
-    cfg = json.loads((tmp_path / "runs" / "i2i_mnist-usps_smoke_lambda_cyc_0.5_s0" / "config.json").read_text())
+    cfg = json.loads((tmp_path / "runs" / "i2i_mnist-usps_smoke_b8_lambda_cyc_0.5_s0" / "config.json").read_text())
     assert cfg["config"]["lambda_cyc"] == 0.5
+    # So does another length: --steps is in the folder name, as --batch-size was above.
+    assert bench.main(["--methods", "i2i", "--set", "lambda_cyc=0.5", "--steps", "2", *common]) == 0
+    cfg = json.loads((tmp_path / "runs" / "i2i_mnist-usps_smoke_steps2_b8_lambda_cyc_0.5_s0" / "config.json").read_text())
+    assert cfg["options"]["steps"] == 2
     refused(bench.main, ["--methods", "i2i", "--seeds", "0,one", *common], "give whole numbers separated by commas",
             capsys)
 
@@ -134,9 +138,9 @@ def test_target_val_holds_target_images_out_of_training_and_reports_them(tmp_pat
     for r in rows:
         line = next(l for l in table.splitlines() if l.startswith(f"| {r['method']} |"))
         assert line.strip("|").split("|")[col].strip() == f"{100 * r['val_accuracy']:.1f} ± 0.0 (300)"
-    for run in ("dann_mnist-usps_smoke_s0", "source-only@dann_mnist-usps_smoke_s0"):
+    for run in ("dann_mnist-usps_smoke_b8_val300_s0", "source-only@dann_mnist-usps_smoke_b8_val300_s0"):
         assert json.loads((tmp_path / "runs" / run / "config.json").read_text())["options"]["tgt"] == "usps1800:train[:-300]"
-    report = json.loads(next((tmp_path / "runs" / "dann_mnist-usps_smoke_s0" / "eval").glob("usps1800_train_-300__*")).read_text())
+    report = json.loads(next((tmp_path / "runs" / "dann_mnist-usps_smoke_b8_val300_s0" / "eval").glob("usps1800_train_-300__*")).read_text())
     assert report["num_samples"] == 300
     refused(bench.main, [*common, "--target-val", "5000", "--out", str(tmp_path / "runs2")],
             "usps1800:train[:-5000] selects no images (usps1800:train has 1,800)", capsys)
@@ -150,11 +154,11 @@ def test_dtn_probe_reads_a_dtn_run_and_refuses_another_method(tmp_path, capsys):
     assert rc == 0
     capsys.readouterr()
     probe = load_bench("dtn_probe")
-    run = tmp_path / "runs" / "dtn_mnist-usps_smoke_s0"
+    run = tmp_path / "runs" / "dtn_mnist-usps_smoke_b8_s0"
     assert probe.main([str(run), "--posthoc-steps", "2"]) == 0
     cells = table_row(run, capsys)
     assert cells[1] == "3" and all(0.0 <= float(v) <= 100.0 for v in cells[2:])
-    refused(probe.main, [str(tmp_path / "runs" / "source-only@dtn_mnist-usps_smoke_s0")],
+    refused(probe.main, [str(tmp_path / "runs" / "source-only@dtn_mnist-usps_smoke_b8_s0")],
             "is a source-only run; this probe reads dtn runs", capsys)
     refused(probe.main, [str(tmp_path / "nowhere")], "no checkpoint at", capsys)
 
