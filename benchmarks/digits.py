@@ -171,6 +171,7 @@ def run_one(method: str, pair: Pair, steps: int | None, seed: int, device: str, 
     if result.interrupted_by is not None:  # a signal stopped the run: its row would be a partial run
         raise SystemExit(128 + int(result.interrupted_by))
     report, _ = evaluate_checkpoint(EvaluateOptions(target=out, domain=pair.eval, device=device, data_root=data_root))
+    kernels = optimizer_kernels(out)
     val = {}
     if target_val:
         v, _ = evaluate_checkpoint(EvaluateOptions(target=out, domain=f"{pair.tgt}:train[-{target_val}:]", device=device,
@@ -180,8 +181,21 @@ def run_one(method: str, pair: Pair, steps: int | None, seed: int, device: str, 
         "late_signal": result.late_signal,
         "method": method, "pair": pair.label, "seed": seed, "steps": result.step, "accuracy": report["accuracy"],
         "batch_size": batch_size or cfg.batch_size, "params": params or {},
-        "wall_s": time.perf_counter() - t0, "img_s": result.images_seen / max(result.train_seconds, 1e-9), **val,
+        "wall_s": time.perf_counter() - t0, "img_s": result.images_seen / max(result.train_seconds, 1e-9),
+        "optimizer_kernels": kernels, **val,
     }
+
+
+def optimizer_kernels(run: Path) -> str:
+    """Which of torch's optimizer kernels a run's optimizers used, read from its last checkpoint:
+    "fused" (every group; the trainer's choice on cpu and cuda since session 16), "default" (none:
+    the for-each / per-parameter kernels, as every row before session 16 had) or "mixed". The
+    kernels give the same algorithm in other float rounding, so a row says which it ran."""
+    from uda_cli.engine import checkpoint as ckpt
+
+    state = ckpt.read_train_state(ckpt.resolve_checkpoint(run))
+    fused = [bool(g.get("fused")) for opt in state["optim"].values() for g in opt["param_groups"]]
+    return "fused" if fused and all(fused) else "default" if not any(fused) else "mixed"
 
 
 def _params_text(r: dict) -> str:

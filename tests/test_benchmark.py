@@ -67,6 +67,8 @@ def refused(main, argv, msg, capsys):
 
 
 def test_smoke_budget_runs_every_method(tmp_path, capsys):
+    import json
+
     bench = load_bench()
     methods = list_methods()
     assert set(methods) <= set(bench.BUDGETS), "every method needs benchmark budgets"
@@ -82,6 +84,8 @@ def test_smoke_budget_runs_every_method(tmp_path, capsys):
     for line in rows:
         acc = float(line.strip("|").split("|")[acc_col].split(" ± ")[0])
         assert 0.0 <= acc <= 100.0
+    # Every method's optimizers take torch's fused kernels on cpu, and each row says which ran.
+    assert {r["optimizer_kernels"] for r in json.loads((tmp_path / "rows.json").read_text())} == {"fused"}
     rc = bench.main(["--from-json", str(tmp_path / "rows.json")])
     assert rc == 0 and len([l for l in capsys.readouterr().out.splitlines() if "MNIST→USPS" in l]) == len(methods)
 
@@ -300,3 +304,14 @@ def test_optim_step_prints_both_networks_and_the_fused_kernels_take_the_same_ste
     # 2e-4 for Adam, whose step is lr * g / (|g| + eps) and can flip where |g| is near eps).
     diffs = {r[2]: max(float(x[-1].rstrip(" |")) for x in rows if x[2] == r[2]) for r in rows}
     assert diffs["sgd"] < 1e-6 and diffs["adam"] <= 4e-4
+
+
+def test_a_row_says_which_optimizer_kernels_its_run_used(tmp_path, monkeypatch):
+    import uda_cli.engine.trainer as trainer
+
+    bench = load_bench()
+    args = dict(method="source-only", pair=bench.PAIRS["mnist-usps"], steps=2, seed=0, device="cpu",
+                data_root=tmp_path / "data", batch_size=8)
+    assert bench.run_one(out=tmp_path / "fused", **args)["optimizer_kernels"] == "fused"
+    monkeypatch.setattr(trainer, "fused_ok", lambda params: False)  # as a torch without the kernel
+    assert bench.run_one(out=tmp_path / "default", **args)["optimizer_kernels"] == "default"
