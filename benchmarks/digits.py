@@ -207,17 +207,20 @@ def _mean_std(values: list[float]) -> str:
 
 
 def fmt_table(rows: list[dict], budget: str, device: str) -> str:
-    """One line per method x pair x budget x settings, mean ± std over its runs. The held-out
-    column (``--target-val``) reads "mean ± std (N images)", or "–" for runs without one."""
+    """One line per method x pair x budget x settings x optimizer kernels, mean ± std over its
+    runs. The held-out column (``--target-val``) reads "mean ± std (N images)", or "–" for runs
+    without one. Runs on torch's fused optimizer kernels are not pooled with runs on its default
+    ones (rows from before session 16 carry no ``optimizer_kernels``: they ran the default): the
+    same algorithm in other float rounding, so a seed's run differs between them."""
     lines = ["| method | pair | budget | steps | batch | params | seeds | target acc % (mean ± std) "
-             "| held-out target val % | paper % | wall s / run | device | img/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| held-out target val % | paper % | wall s / run | device | optimizer kernels | img/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         key = (r["method"], r["pair"], r["pair_key"], r.get("budget", budget), r["steps"], r.get("batch_size"),
-               _params_text(r), r.get("device", device), r.get("target_val", 0))
+               _params_text(r), r.get("device", device), r.get("target_val", 0), r.get("optimizer_kernels", "default"))
         groups.setdefault(key, []).append(r)
-    for (method, label, key, bud, steps, batch, params, dev, n_val), rs in groups.items():
+    for (method, label, key, bud, steps, batch, params, dev, n_val, kernels), rs in groups.items():
         accs = [100 * r["accuracy"] for r in rs]
         val = f"{_mean_std([100 * r['val_accuracy'] for r in rs])} ({n_val:,})" if n_val else "–"
         paper = PAPER.get(method.split(" ")[0], {}).get(key, "–") if " " not in method else "–"
@@ -227,7 +230,7 @@ def fmt_table(rows: list[dict], budget: str, device: str) -> str:
         lines.append(
             f"| {method} | {label} | {bud} | {steps} | {batch or '–'} | {params} | {seeds} | "
             f"{_mean_std(accs)} | {val} | {paper} | {statistics.mean(r['wall_s'] for r in rs):.0f} | "
-            f"{dev} | {statistics.mean(r['img_s'] for r in rs):.0f} |")
+            f"{dev} | {kernels} | {statistics.mean(r['img_s'] for r in rs):.0f} |")
     return "\n".join(lines)
 
 

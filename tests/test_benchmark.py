@@ -177,6 +177,12 @@ def test_table_counts_distinct_seeds_and_says_when_a_seed_ran_twice():
     assert "| 2 (3 runs) |" in line and "56.7 ± 11.5" in line
     one = bench.fmt_table([{**row, "seed": 0, "accuracy": 0.5}, {**row, "seed": 1, "accuracy": 0.7}], "cpu", "cpu")
     assert "| 2 | 60.0 ± 14.1 |" in one.splitlines()[2]
+    # A seed's run on the fused optimizer kernels is another line, not a second run of that seed.
+    mixed = bench.fmt_table([{**row, "seed": 0, "accuracy": 0.5},
+                             {**row, "seed": 0, "accuracy": 0.7, "optimizer_kernels": "fused"}], "cpu", "cpu")
+    lines = mixed.splitlines()[2:]
+    assert len(lines) == 2 and "| 1 | 50.0 ± 0.0 |" in lines[0] and "| default |" in lines[0]
+    assert "| 1 | 70.0 ± 0.0 |" in lines[1] and "| fused |" in lines[1]
 
 
 def test_curves_groups_seeds_by_step_from_the_runs_own_logs(tmp_path, capsys):
