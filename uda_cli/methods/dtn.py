@@ -83,7 +83,11 @@ prefers on each seed, but over seeds the choice is not clear at that length: ahe
 behind on one (+3.5 +- 5.4 test, +4.9 +- 7.0 held out). At the cpu budget's full 4,500 steps
 (sessions 15-16, seeds 0-2; 2026-11-25_cpu_1core_session16.md) it is ahead on every seed in
 both: on 60.3 +- 0.7% test / 61.3 +- 0.9% held out, off 52.9 +- 2.4 / 52.5 +- 4.1 (seed 2, behind
-at 400 adversarial steps, is ahead by 10.3 / 14.3 points). Held out keeps it on.
+at 400 adversarial steps, is ahead by 10.3 / 14.3 points). Held out keeps it on. Source-only
+under the same budget and hold-out (4,500 steps of 32, seeds 0-2, session 17; results
+2026-11-25_cpu_1core_session17.md) reads 49.7 +- 2.2% test / 46.3 +- 1.2% held out: DTN leads it
+on every seed, by 10.6 +- 2.9 / 15.0 +- 2.1 points with ``c_augment`` and 3.3 +- 2.1 / 6.2 +- 3.2
+without.
 
 Where it stands (benchmarks/results; SVHN->MNIST on the 1,083-image SVHN subset, batch 32,
 seeds 0-2, 2,000 steps of f pretraining with ``pretrain_augment``, ``c_augment`` on). The
