@@ -67,6 +67,14 @@ adversarial steps, a tie; separate is the cheaper, as g's pass then needs no D(x
 source while f pretrains. The paper pretrains f on SVHN's 531k "extra" images; on a small
 source (the 1,083-image SVHN subset in ``../shared/data``) f overfits and generalises badly:
 f's own head reads MNIST at 41% after 2,000 steps without augmentation, 52% with (batch 32).
+Chosen on MNIST test; session 17 re-read it at the cpu budget's full length on 5,000 held-out
+MNIST train images (``--target-val 5000``, ``c_augment`` on; 2026-11-25_cpu_1core_session17.md):
+without it DTN reads 33.9 +- 9.0% test / 33.1 +- 9.3% held out (seeds 0-2: 30.7, 26.9, 44.1),
+below source-only on every seed under the same budget (49.7 +- 2.2 / 46.3 +- 1.2), against
+60.3 +- 0.7 / 61.3 +- 0.9 with it. Seed 0's f head reads MNIST test at 33.6% without, 46.7%
+with, and the adversarial phase then loses ground from the weaker f (C 30.7%) where it gains 13
+points from the stronger one (C 59.4%): G can only carry into pixels what f already separates.
+Held out keeps it on.
 
 ``c_augment`` (default off; the paper says nothing of how C is trained): random translation
 and rotation of C's copy of G(x_s) (D and g see the images as they are). With a small
