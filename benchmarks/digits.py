@@ -193,7 +193,7 @@ def optimizer_kernels(run: Path) -> str:
     kernels give the same algorithm in other float rounding, so a row says which it ran."""
     from uda_cli.engine import checkpoint as ckpt
 
-    state = ckpt.read_train_state(ckpt.resolve_checkpoint(run))
+    state = ckpt.read_train_state(ckpt.resolve_checkpoint(run), tensors=False)  # the header: no moments read
     fused = [bool(g.get("fused")) for opt in state["optim"].values() for g in opt["param_groups"]]
     return "fused" if fused and all(fused) else "default" if not any(fused) else "mixed"
 

@@ -95,9 +95,16 @@ def test_cpu_optimizers_are_fused_and_their_checkpoint_says_so(tmp_path, method,
     for other in ([], [torch.zeros(2, device="meta")], [torch.zeros(2), torch.zeros(2, dtype=torch.int64)]):
         assert fused_ok(other) is False  # torch's default: no fused kernel we have run
     train(opts(tmp_path, method=method, steps=2, save_every=100, eval_every=0), interactive=False)
-    state = ckpt.read_train_state(ckpt.resolve_checkpoint(tmp_path / "run"))
+    weights = ckpt.resolve_checkpoint(tmp_path / "run")
+    state = ckpt.read_train_state(weights)
     groups = [g for opt in state["optim"].values() for g in opt["param_groups"]]
     assert groups and all(g["fused"] is True for g in groups)
+    # The header alone (what digits.py reads for its optimizer_kernels column): the same settings, no moments.
+    light = ckpt.read_train_state(weights, tensors=False)
+    assert [g for opt in light["optim"].values() for g in opt["param_groups"]] == groups
+    moments = [(v, light["optim"][n]["state"][i][k]) for n, opt in state["optim"].items()
+               for i, per in opt["state"].items() for k, v in per.items()]
+    assert moments and all(isinstance(v, torch.Tensor) and w is None for v, w in moments)
     assert ("betas" in groups[0]) == (kind == "Adam") and ("nesterov" in groups[0]) == (kind == "SGD")
 
 

@@ -118,9 +118,10 @@ def _split_state(prefix: str, obj: Any, tensors: dict[str, torch.Tensor]) -> Any
     raise TypeError(f"cannot store {type(obj).__name__} at {prefix} in a checkpoint")
 
 
-def _join_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+def _join_state(obj: Any, tensors: dict[str, torch.Tensor] | None) -> Any:
+    """``_split_state`` undone; with ``tensors`` None every tensor reads None (the layout alone)."""
     if isinstance(obj, dict) and "__tensor__" in obj:
-        return tensors[obj["__tensor__"]]
+        return None if tensors is None else tensors[obj["__tensor__"]]
     if isinstance(obj, dict) and "__dict__" in obj:
         return {k: _join_state(v, tensors) for k, v in obj["__dict__"]}
     if isinstance(obj, list):
@@ -241,7 +242,10 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is truncated or corrupt ({_short(e)}); use another checkpoint") from None
 
 
-def read_train_state(weights: Path) -> dict[str, Any]:
+def read_train_state(weights: Path, tensors: bool = True) -> dict[str, Any]:
+    """The training state saved beside ``weights``. With ``tensors=False`` only the file's header
+    is read and every tensor in the state is None: what a reader of settings (an optimizer's
+    param_groups, the step) needs, without loading the optimizer moments."""
     state_path = weights.with_name(weights.name[: -len(".safetensors")] + ".state.safetensors")
     if not state_path.is_file():
         raise CheckpointError(f"{state_path.name} is missing beside {weights.name}: this checkpoint can be evaluated but not resumed")
@@ -252,7 +256,7 @@ def read_train_state(weights: Path) -> dict[str, Any]:
         raise CheckpointError(f"{state_path} is truncated or corrupt ({_short(e)}); resume from an earlier checkpoint") from None
     if meta.get("format") != FORMAT or "state" not in meta:
         raise CheckpointError(f"{state_path} is not a uda training state")
-    return _join_state(json.loads(meta["state"]), read_tensors(state_path))
+    return _join_state(json.loads(meta["state"]), read_tensors(state_path) if tensors else None)
 
 
 def _short(e: Exception) -> str:
