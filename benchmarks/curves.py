@@ -1,13 +1,20 @@
-"""Target accuracy along runs: the evaluations each run logged, as a markdown table.
+"""Target accuracy along runs, as a markdown table: the evaluations each run logged, or
+every checkpoint it kept evaluated on a domain you name.
 
     python benchmarks/curves.py RUN_DIR [RUN_DIR ...] [--steps 3000,4000,5000]
+    python benchmarks/curves.py RUN_DIR [RUN_DIR ...] --domain 'mnist:train[-5000:]'
 
-Reads each run folder's ``config.json`` and the ``eval`` records of its ``metrics.jsonl``
-(``uda train --eval-every N``; a resumed run's file reads as one run). Runs of one method,
-pair and settings (``--set`` values) are one group; the table has a line per group and step
-with every seed's accuracy and their mean ± std, so it answers "does a longer schedule
-help, and does the control gain as much?" from the runs themselves. ``--steps`` keeps only
-those steps. A step where some seeds have no evaluation shows the seeds that have one.
+Without ``--domain`` it reads each run folder's ``config.json`` and the ``eval`` records of its
+``metrics.jsonl`` (``uda train --eval-every N``, on the target's test split; a resumed run's
+file reads as one run). With ``--domain`` it evaluates each checkpoint the run kept
+(``uda train --save-every N --keep-checkpoints 0`` keeps every one) on that domain, as ``uda
+evaluate CHECKPOINT --domain ...`` would (each report lands in the run's ``eval/`` folder):
+trained on ``--tgt 'mnist:train[:-5000]'``, the held-out ``mnist:train[-5000:]`` then chooses a
+schedule without reading the test split. Runs of one method, pair, settings (``--set``
+values) and evaluation domain are one group; the table has a line per group and step with
+every seed's accuracy and their mean ± std, so it answers "does a longer schedule help, and
+does the control gain as much?" from the runs themselves. ``--steps`` keeps only those steps.
+A step where some seeds have no evaluation shows the seeds that have one.
 """
 
 from __future__ import annotations
@@ -23,8 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from uda_cli.engine.logging import read_metrics  # noqa: E402
 
 
-def read_run(run: Path) -> tuple[tuple, int, dict[int, float]]:
-    """(group key, seed, {step: accuracy %}) of a run folder; ValueError with a one-line reason."""
+def read_run(run: Path, domain: str | None = None, data_root: Path | None = None,
+             device: str = "cpu") -> tuple[tuple, int, dict[int, float]]:
+    """(group key, seed, {step: accuracy %}) of a run folder: its logged evaluations, or with
+    ``domain`` its kept checkpoints evaluated there; ValueError with a one-line reason."""
     cfg_path, metrics = run / "config.json", run / "metrics.jsonl"
     if not cfg_path.is_file() or not metrics.is_file():
         raise ValueError(f"{run}: not a run folder (config.json and metrics.jsonl are missing); "
@@ -37,22 +46,51 @@ def read_run(run: Path) -> tuple[tuple, int, dict[int, float]]:
         seed = int(opts["seed"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{run}/config.json is not a uda run config ({type(e).__name__}: {e})") from None
-    acc = {int(r["step"]): 100.0 * float(r["accuracy"])
-           for r in read_metrics(metrics) if r.get("kind") == "eval" and "accuracy" in r}
-    if not acc:
+    if domain is not None:
+        acc, where = evaluate_kept(run, domain, data_root, device)
+        return (*key, where), seed, acc
+    evals = [r for r in read_metrics(metrics) if r.get("kind") == "eval" and "accuracy" in r]
+    if not evals:
         raise ValueError(f"{run}: no evaluation was logged; train with --eval-every N (or let the run finish)")
-    return key, seed, acc
+    acc = {int(r["step"]): 100.0 * float(r["accuracy"]) for r in evals}
+    return (*key, " + ".join(sorted({str(r.get("domain", "?")) for r in evals}))), seed, acc
+
+
+def evaluate_kept(run: Path, domain: str, data_root: Path | None, device: str) -> tuple[dict[int, float], str]:
+    """({step: accuracy %} of every checkpoint kept in ``run``, the domain:split they were read on)."""
+    from pydantic import ValidationError
+
+    from uda_cli.config import EvaluateOptions, validation_lines
+    from uda_cli.engine import checkpoint as ckpt
+    from uda_cli.engine.evaluate import evaluate_checkpoint
+    from uda_cli.errors import UDAError
+
+    found = sorted((int(m.group(1)), p) for p in (run / "checkpoints").glob("step-*.safetensors")
+                   if (m := ckpt._STEP_RE.match(p.name)))
+    if not found:
+        raise ValueError(f"{run}: no checkpoint was kept; train with --save-every N --keep-checkpoints 0")
+    acc, where = {}, domain
+    for step, weights in found:
+        try:
+            report, _ = evaluate_checkpoint(EvaluateOptions(target=weights, domain=domain, data_root=data_root,
+                                                            device=device))
+        except ValidationError as e:
+            raise ValueError("; ".join(validation_lines(e))) from None
+        except UDAError as e:
+            raise ValueError(f"{weights}: {e}") from None
+        acc[step], where = 100.0 * float(report["accuracy"]), report["domain"]
+    return acc, where
 
 
 def fmt_curves(runs: list[tuple[tuple, int, dict[int, float]]], steps: set[int] | None = None) -> str:
-    lines = ["| method | pair | params | step | seeds | acc % per seed | mean ± std |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | pair | params | evaluated on | step | seeds | acc % per seed | mean ± std |",
+             "|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, dict[int, dict[int, float]]] = {}
     for key, seed, acc in runs:
         by_step = groups.setdefault(key, {})
         for step, a in acc.items():
             by_step.setdefault(step, {})[seed] = a  # a seed given twice: the later folder wins
-    for (method, pair, params), by_step in groups.items():
+    for (method, pair, params, where), by_step in groups.items():
         for step in sorted(by_step):
             if steps and step not in steps:
                 continue
@@ -60,7 +98,7 @@ def fmt_curves(runs: list[tuple[tuple, int, dict[int, float]]], steps: set[int] 
             accs = list(per_seed.values())
             std = statistics.stdev(accs) if len(accs) > 1 else 0.0
             shown = " / ".join(f"{a:.1f}" for a in accs)
-            lines.append(f"| {method} | {pair} | {params} | {step} | {','.join(map(str, per_seed))} | {shown} | "
+            lines.append(f"| {method} | {pair} | {params} | {where} | {step} | {','.join(map(str, per_seed))} | {shown} | "
                          f"{statistics.mean(accs):.1f} ± {std:.1f} |")
     return "\n".join(lines)
 
@@ -69,13 +107,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path, help="run folders")
     ap.add_argument("--steps", help="comma-separated steps to show (default: every evaluated step)")
+    ap.add_argument("--domain", help="NAME[:split], e.g. 'mnist:train[-5000:]': evaluate every kept checkpoint "
+                                     "there instead of reading the logged evaluations")
+    ap.add_argument("--data-root", type=Path, help="with --domain: where datasets live (default: the run's own)")
+    ap.add_argument("--device", default="cpu", help="with --domain: cpu, cuda, ... [cpu]")
     args = ap.parse_args(argv)
     try:
         steps = {int(s) for s in args.steps.split(",")} if args.steps else None
     except ValueError:
         ap.error(f"--steps takes comma-separated integers, e.g. 3000,5000, not {args.steps!r}")
     try:
-        runs = [read_run(r) for r in args.runs]
+        runs = [read_run(r, args.domain, args.data_root, args.device) for r in args.runs]
     except ValueError as e:
         ap.error(str(e))
     print(fmt_curves(runs, steps))

@@ -212,23 +212,39 @@ def test_curves_groups_seeds_by_step_from_the_runs_own_logs(tmp_path, capsys):
                 logged[(seed, rec["step"])] = 100 * rec["accuracy"]
     assert sorted(logged) == [(0, 2), (0, 4), (1, 2), (1, 4)]
 
-    assert curves.main([str(a), str(b)]) == 0
-    rows = [[c.strip() for c in l.strip("|").split("|")] for l in capsys.readouterr().out.splitlines()[2:]]
-    assert [r[3] for r in rows] == ["2", "4"] and all(r[:3] == ["source-only", "tiny-src->tiny-tgt", "–"] for r in rows)
-    for r in rows:
-        step = int(r[3])
-        want = [logged[(0, step)], logged[(1, step)]]
-        assert r[4] == "0,1" and r[5] == f"{want[0]:.1f} / {want[1]:.1f}"
-        mean = sum(want) / 2
-        assert r[6].startswith(f"{mean:.1f} ± ")
+    def table(argv):
+        assert curves.main(argv) == 0
+        return [[c.strip() for c in l.strip("|").split("|")] for l in capsys.readouterr().out.splitlines()[2:]]
 
-    assert curves.main([str(a), "--steps", "4"]) == 0
-    only = capsys.readouterr().out.splitlines()[2:]
-    assert len(only) == 1 and "| 4 | 0 |" in only[0]
+    rows = table([str(a), str(b)])
+    assert [r[4] for r in rows] == ["2", "4"]
+    assert all(r[:4] == ["source-only", "tiny-src->tiny-tgt", "–", "tiny-tgt:test"] for r in rows)
+    for r in rows:
+        step = int(r[4])
+        want = [logged[(0, step)], logged[(1, step)]]
+        assert r[5] == "0,1" and r[6] == f"{want[0]:.1f} / {want[1]:.1f}"
+        mean = sum(want) / 2
+        assert r[7].startswith(f"{mean:.1f} ± ")
+
+    only = table([str(a), "--steps", "4"])
+    assert len(only) == 1 and "| 4 | 0 |" in "| " + " | ".join(only[0]) + " |"
+
+    # --domain: the checkpoints each run kept (steps 2 and 4), evaluated afresh. On the split the
+    # runs logged, that is the logged table; on another split, a group of its own.
+    assert table([str(a), str(b), "--domain", "tiny-tgt:test"]) == rows
+    other = table([str(a), str(b), "--domain", "tiny-src"])
+    assert [r[3:6] for r in other] == [["tiny-src:test", "2", "0,1"], ["tiny-src:test", "4", "0,1"]]
+    assert [r[6] for r in other] != [r[6] for r in rows]
 
     for argv, msg in (([str(tmp_path / "nowhere")], "not a run folder"),
-                      ([str(a), "--steps", "x"], "--steps takes comma-separated integers")):
+                      ([str(a), "--steps", "x"], "--steps takes comma-separated integers"),
+                      ([str(a), "--domain", "nosuch"], "--domain: unknown domain 'nosuch'"),
+                      ([str(a), "--domain", "office31-amazon"], "office31-amazon has classes")):
         refused(curves.main, argv, msg, capsys)
+    for p in (a / "checkpoints").glob("step-*"):
+        p.unlink()
+    refused(curves.main, [str(a), "--domain", "tiny-tgt"], "no checkpoint was kept; train with --save-every N "
+                                                            "--keep-checkpoints 0", capsys)
     (a / "metrics.jsonl").write_text("")
     refused(curves.main, [str(a)], "no evaluation was logged", capsys)
 

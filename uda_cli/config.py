@@ -58,7 +58,7 @@ class TrainOptions(Options):
     save_every: int = Field(default=1000, gt=0)
     eval_every: int = Field(default=1000, ge=0, description="0 turns periodic evaluation off")
     log_every: int = Field(default=50, gt=0)
-    keep_checkpoints: int = Field(default=3, ge=1, description="periodic checkpoints kept (the latest always is)")
+    keep_checkpoints: int = Field(default=3, ge=0, description="periodic checkpoints kept (the latest always is); 0 keeps every one")
     log_format: Literal["auto", "text", "json"] = Field(
         default="auto", description="auto: a progress bar on a terminal, text elsewhere; json: one object per line"
     )

@@ -39,6 +39,7 @@ def train(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Method hyperparameter name=value (repeatable).", show_default=False)] = None,
     save_every: Annotated[Optional[int], typer.Option("--save-every", help="Checkpoint every N steps [1000].", show_default=False)] = None,
     eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Evaluate on the target every N steps, 0 never [1000].", show_default=False)] = None,
+    keep_checkpoints: Annotated[Optional[int], typer.Option("--keep-checkpoints", help="Periodic checkpoints kept, the latest always; 0 keeps every one (for benchmarks/curves.py --domain) [3].", show_default=False)] = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="'auto' continues the run in --out if it has a checkpoint; or a checkpoint path.", show_default=False)] = None,
     log_format: Annotated[Optional[LogFormat], typer.Option("--log-format", envvar="UDA_LOG_FORMAT", help="auto: a progress bar on a terminal, plain lines elsewhere; text; json: one JSON object per log line (stderr) and the result as JSON (stdout) [auto].", show_default=False)] = None,
 ) -> None:
@@ -46,8 +47,8 @@ def train(
     from uda_cli.config import merge_train_options, parse_set
 
     flags = dict(method=method, src=src, tgt=tgt, steps=steps, batch_size=batch_size, seed=seed, out=out,
-                 data_root=data_root, device=device, save_every=save_every, eval_every=eval_every, resume=resume,
-                 log_format=log_format.value if log_format else None)
+                 data_root=data_root, device=device, save_every=save_every, eval_every=eval_every,
+                 keep_checkpoints=keep_checkpoints, resume=resume, log_format=log_format.value if log_format else None)
     opts = merge_train_options(config, flags, parse_set(set_))
 
     from uda_cli.engine.trainer import train as run_train  # torch is imported from here on
