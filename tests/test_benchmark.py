@@ -337,3 +337,13 @@ def test_a_row_says_which_optimizer_kernels_its_run_used(tmp_path, monkeypatch):
     assert bench.run_one(out=tmp_path / "fused", **args)["optimizer_kernels"] == "fused"
     monkeypatch.setattr(trainer, "fused_ok", lambda params: False)  # as a torch without the kernel
     assert bench.run_one(out=tmp_path / "default", **args)["optimizer_kernels"] == "default"
+    # PixelDA's optimizers (T and G, D), the first told the kernel is there and the others not.
+    asked = []
+
+    def first_only(params):
+        asked.append(len(params))
+        return len(asked) == 1
+
+    monkeypatch.setattr(trainer, "fused_ok", first_only)
+    assert bench.run_one(out=tmp_path / "mixed", **{**args, "method": "pixelda"})["optimizer_kernels"] == "mixed"
+    assert len(asked) >= 2
