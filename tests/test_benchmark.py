@@ -147,7 +147,7 @@ def test_target_val_holds_target_images_out_of_training_and_reports_them(tmp_pat
     report = json.loads(next((tmp_path / "runs" / "dann_mnist-usps_smoke_b8_val300_s0" / "eval").glob("usps1800_train_-300__*")).read_text())
     assert report["num_samples"] == 300
     refused(bench.main, [*common, "--target-val", "5000", "--out", str(tmp_path / "runs2")],
-            "usps1800:train[:-5000] selects no images (usps1800:train has 1,800)", capsys)
+            "usps1800:train[:-5000] reaches past the 1,800 images of usps1800:train", capsys)
     refused(bench.main, [*common, "--target-val", "-3"], "--target-val -3: give a number of images >= 1", capsys)
 
 

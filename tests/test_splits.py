@@ -51,10 +51,16 @@ def test_a_part_is_that_slice_of_the_split_and_an_empty_part_is_refused():
     assert len(head_y) == 54 and len(tail_y) == 10
     assert (head_x == whole_x[:-10]).all() and (tail_x == whole_x[-10:]).all()
     assert (head_y == whole_y[:-10]).all() and (tail_y == whole_y[-10:]).all()
+    assert len(load_domain("tiny-tgt", "train[-64:64]")[1]) == 64  # the bounds themselves are in
+    for part in ("train[100:]", "train[-65:]", "train[:-70]", "train[3:65]"):
+        with pytest.raises(ConfigError) as e:
+            load_domain("tiny-tgt", part)
+        assert str(e.value) == (f"tiny-tgt:{part} reaches past the 64 images of tiny-tgt:train; "
+                                "pick START and STOP within -64..64")
     with pytest.raises(ConfigError) as e:
-        load_domain("tiny-tgt", "train[100:]")
-    assert str(e.value) == ("tiny-tgt:train[100:] selects no images (tiny-tgt:train has 64); "
-                            "pick START and STOP within 0..64")
+        load_domain("tiny-tgt", "train[10:5]")
+    assert str(e.value) == ("tiny-tgt:train[10:5] selects no images (tiny-tgt:train has 64); "
+                            "pick START below STOP, e.g. tiny-tgt:train[:-6]")
 
 
 def test_a_part_does_not_keep_the_whole_split_in_memory():

@@ -175,11 +175,16 @@ def load_domain(
     images, labels = spec.reader(folder, base)
     if sl is not None:
         n = len(labels)
+        # Python would clip a bound past the end: train[-70000:] of 60,000 images would quietly
+        # read 60,000, not the 70,000 asked for. Refuse it instead.
+        if any(b is not None and not -n <= b <= n for b in (sl.start, sl.stop)):
+            raise ConfigError(f"{name}:{split} reaches past the {n:,} images of {name}:{base}; "
+                              f"pick START and STOP within -{n:,}..{n:,}")
         # Copy the part: a view would keep the whole split alive behind the run's tensor.
         images, labels = np.array(images[sl]), np.array(labels[sl])
         if len(labels) == 0:
             raise ConfigError(f"{name}:{split} selects no images ({name}:{base} has {n:,}); "
-                              f"pick START and STOP within 0..{n:,}")
+                              f"pick START below STOP, e.g. {name}:{base}[:-{max(n // 10, 1)}]")
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # NHWC -> NCHW view
     del images
     x = to_channels(x, channels or spec.channels)
