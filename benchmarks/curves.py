@@ -30,10 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from uda_cli.engine.logging import read_metrics  # noqa: E402
 
 
-def read_run(run: Path, domain: str | None = None, data_root: Path | None = None,
-             device: str = "cpu") -> tuple[tuple, int, dict[int, float]]:
+def read_run(run: Path, domain: str | None = None, data_root: Path | None = None, device: str = "cpu",
+             steps: set[int] | None = None) -> tuple[tuple, int, dict[int, float]]:
     """(group key, seed, {step: accuracy %}) of a run folder: its logged evaluations, or with
-    ``domain`` its kept checkpoints evaluated there; ValueError with a one-line reason."""
+    ``domain`` its kept checkpoints evaluated there (only ``steps`` if given); ValueError with
+    a one-line reason."""
     cfg_path, metrics = run / "config.json", run / "metrics.jsonl"
     if not cfg_path.is_file() or not metrics.is_file():
         raise ValueError(f"{run}: not a run folder (config.json and metrics.jsonl are missing); "
@@ -47,7 +48,7 @@ def read_run(run: Path, domain: str | None = None, data_root: Path | None = None
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{run}/config.json is not a uda run config ({type(e).__name__}: {e})") from None
     if domain is not None:
-        acc, where = evaluate_kept(run, domain, data_root, device)
+        acc, where = evaluate_kept(run, domain, data_root, device, steps)
         return (*key, where), seed, acc
     evals = [r for r in read_metrics(metrics) if r.get("kind") == "eval" and "accuracy" in r]
     if not evals:
@@ -56,8 +57,10 @@ def read_run(run: Path, domain: str | None = None, data_root: Path | None = None
     return (*key, " + ".join(sorted({str(r.get("domain", "?")) for r in evals}))), seed, acc
 
 
-def evaluate_kept(run: Path, domain: str, data_root: Path | None, device: str) -> tuple[dict[int, float], str]:
-    """({step: accuracy %} of every checkpoint kept in ``run``, the domain:split they were read on)."""
+def evaluate_kept(run: Path, domain: str, data_root: Path | None, device: str,
+                  steps: set[int] | None = None) -> tuple[dict[int, float], str]:
+    """({step: accuracy %} of every checkpoint kept in ``run``, or of those at ``steps``; the
+    domain:split they were read on)."""
     from pydantic import ValidationError
 
     from uda_cli.config import EvaluateOptions, validation_lines
@@ -65,12 +68,14 @@ def evaluate_kept(run: Path, domain: str, data_root: Path | None, device: str) -
     from uda_cli.engine.evaluate import evaluate_checkpoint
     from uda_cli.errors import UDAError
 
-    found = sorted((int(m.group(1)), p) for p in (run / "checkpoints").glob("step-*.safetensors")
-                   if (m := ckpt._STEP_RE.match(p.name)))
-    if not found:
+    kept = ckpt.kept_steps(run / "checkpoints")
+    if not kept:
         raise ValueError(f"{run}: no checkpoint was kept; train with --save-every N --keep-checkpoints 0")
     acc, where = {}, domain
-    for step, weights in found:
+    for step in kept:
+        if steps and step not in steps:
+            continue
+        weights = run / "checkpoints" / f"{ckpt.step_name(step)}.safetensors"
         try:
             report, _ = evaluate_checkpoint(EvaluateOptions(target=weights, domain=domain, data_root=data_root,
                                                             device=device))
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         ap.error(f"--steps takes comma-separated integers, e.g. 3000,5000, not {args.steps!r}")
     try:
-        runs = [read_run(r, args.domain, args.data_root, args.device) for r in args.runs]
+        runs = [read_run(r, args.domain, args.data_root, args.device, steps) for r in args.runs]
     except ValueError as e:
         ap.error(str(e))
     print(fmt_curves(runs, steps))

@@ -232,6 +232,10 @@ def test_curves_groups_seeds_by_step_from_the_runs_own_logs(tmp_path, capsys):
     # --domain: the checkpoints each run kept (steps 2 and 4), evaluated afresh. On the split the
     # runs logged, that is the logged table; on another split, a group of its own.
     assert table([str(a), str(b), "--domain", "tiny-tgt:test"]) == rows
+    written = {p.name: p.stat().st_mtime_ns for p in (a / "eval").iterdir()}
+    assert table([str(a), "--domain", "tiny-tgt:test", "--steps", "4"]) == [only[0]]
+    again = {p.name for p in (a / "eval").iterdir() if p.stat().st_mtime_ns != written.get(p.name)}
+    assert len(again) == 1 and "step00000004" in again.pop()  # --steps 4: step 2 was not evaluated again
     other = table([str(a), str(b), "--domain", "tiny-src"])
     assert [r[3:6] for r in other] == [["tiny-src:test", "2", "0,1"], ["tiny-src:test", "4", "0,1"]]
     assert [r[6] for r in other] != [r[6] for r in rows]

@@ -186,8 +186,16 @@ def save_checkpoint(ckpt_dir: Path, step: int, method, meta: dict[str, Any], tra
     return weights
 
 
+def kept_steps(ckpt_dir: Path) -> list[int]:
+    """The steps of the checkpoints in ``ckpt_dir`` (a run's ``checkpoints/``), ascending."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in ckpt_dir.iterdir() if (m := _STEP_RE.match(p.name)))
+
+
 def _prune(ckpt_dir: Path, keep: int, current: int) -> None:
-    steps = sorted(int(m.group(1)) for p in ckpt_dir.iterdir() if (m := _STEP_RE.match(p.name)))
+    steps = kept_steps(ckpt_dir)
     for s in steps[:-keep] if keep > 0 else []:
         if s == current:
             continue
