@@ -111,7 +111,16 @@ its 1,083 images, loss ~0.001, and wanders). At 4,500 steps DTN is ahead on ever
 on the last G(x_s) now reads 57.5 / 47.8 / 56.1% (41.4 / 35.4 / 51.8 at 3,000 steps): the
 last G has become a better translator. The cpu budget is therefore 4,500 steps (the length was
 fixed at 4,500 for time before any evaluation past 3,000 was seen; all these numbers are on
-MNIST's test set, and at 3,500 steps the two are level, 53.7 vs 54.1). It is still
+MNIST's test set, and at 3,500 steps the two are level, 53.7 vs 54.1). Session 18 re-read the
+length on 5,000 held-out MNIST train images (seeds 0-2 to 6,000 steps, a checkpoint every 500
+read by ``benchmarks/curves.py --domain``, source-only alike; another host, fused kernels;
+2026-11-25_cpu_1core_session18.md): held out 51.9 / 58.5 / 61.7 / 51.1 / 57.9% at 4,000 /
+4,500 / 5,000 / 5,500 / 6,000 steps against source-only's 48.0 / 48.7 / 48.6 / 49.0 / 46.3.
+DTN leads on every seed at 4,500, 5,000 and 6,000, not at 4,000 or 5,500: one run moves by up
+to 22 points between checkpoints 500 steps apart (seed 2: 61.0 at 5,000, 38.3 at 5,500), as C
+follows a G that still moves. 5,000 reads highest, ahead of 4,500 on every seed by 3.1 +- 1.4
+points, but a neighbour of a 22-point drop; the budget stays 4,500 and the stop point, not the
+length, is what to fix next (a C trained on the last G, or averaged over checkpoints). It is still
 far below the paper's 84.4%: f learns SVHN from 1,083 images, the paper's f from 531k
 ("extra") images, and its schedule is longer. ``uda download svhn`` fetches the 73k training
 set where there is internet (not here); "extra" is not registered. MNIST->USPS (not the
