@@ -71,14 +71,14 @@ def evaluate_kept(run: Path, domain: str, data_root: Path | None, device: str,
     kept = ckpt.kept_steps(run / "checkpoints")
     if not kept:
         raise ValueError(f"{run}: no checkpoint was kept; train with --save-every N --keep-checkpoints 0")
-    acc, where = {}, domain
+    acc, where, loaded = {}, domain, {}
     for step in kept:
         if steps and step not in steps:
             continue
         weights = run / "checkpoints" / f"{ckpt.step_name(step)}.safetensors"
         try:
             report, _ = evaluate_checkpoint(EvaluateOptions(target=weights, domain=domain, data_root=data_root,
-                                                            device=device))
+                                                            device=device), loaded)
         except ValidationError as e:
             raise ValueError("; ".join(validation_lines(e))) from None
         except UDAError as e:

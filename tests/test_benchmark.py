@@ -185,7 +185,7 @@ def test_table_counts_distinct_seeds_and_says_when_a_seed_ran_twice():
     assert "| 1 | 70.0 ± 0.0 |" in lines[1] and "| fused |" in lines[1]
 
 
-def test_curves_groups_seeds_by_step_from_the_runs_own_logs(tmp_path, capsys):
+def test_curves_groups_seeds_by_step_from_the_runs_own_logs(tmp_path, capsys, monkeypatch):
     """Two seeds of a tiny run, evaluated every 2 steps, and a resumed longer run: the table
     holds every logged evaluation, grouped by method x pair x settings, with the mean."""
     import json
@@ -231,7 +231,14 @@ def test_curves_groups_seeds_by_step_from_the_runs_own_logs(tmp_path, capsys):
 
     # --domain: the checkpoints each run kept (steps 2 and 4), evaluated afresh. On the split the
     # runs logged, that is the logged table; on another split, a group of its own.
+    import uda_cli.engine.evaluate as evaluate
+
+    reads = []
+    real_load = evaluate.load_domain
+    monkeypatch.setattr(evaluate, "load_domain", lambda *a, **k: reads.append(a[:2]) or real_load(*a, **k))
     assert table([str(a), str(b), "--domain", "tiny-tgt:test"]) == rows
+    assert reads == [("tiny-tgt", "test")] * 2  # once a run, not once a checkpoint
+    monkeypatch.undo()
     written = {p.name: p.stat().st_mtime_ns for p in (a / "eval").iterdir()}
     assert table([str(a), "--domain", "tiny-tgt:test", "--steps", "4"]) == [only[0]]
     again = {p.name for p in (a / "eval").iterdir() if p.stat().st_mtime_ns != written.get(p.name)}

@@ -20,7 +20,9 @@ from uda_cli.engine.runtime import autocast_for
 from uda_cli.errors import ConfigError
 
 
-def evaluate_checkpoint(opts: EvaluateOptions) -> tuple[dict[str, Any], Path | None]:
+def evaluate_checkpoint(opts: EvaluateOptions, loaded: dict | None = None) -> tuple[dict[str, Any], Path | None]:
+    """Evaluate ``opts.target`` on ``opts.domain``. ``loaded``, a dict the caller keeps across
+    calls, holds the domains read so far, so several checkpoints of one run read theirs once."""
     from uda_cli.engine.trainer import load_method, run_data_root, write_eval
 
     weights = ckpt.resolve_checkpoint(opts.target)
@@ -36,7 +38,11 @@ def evaluate_checkpoint(opts: EvaluateOptions) -> tuple[dict[str, Any], Path | N
     split = resolve_split(spec, split, spec.eval_split)
     if spec.classes != method.spec.classes:
         raise ConfigError(f"{name} has classes {spec.classes}, the checkpoint {method.spec.classes}; pick a domain of the same classes")
-    images, labels = load_domain(name, split, opts.data_root, channels=method.spec.channels, size=method.spec.image_size)
+    key = (name, split, str(opts.data_root), method.spec.channels, tuple(method.spec.image_size))
+    cache = loaded if loaded is not None else {}
+    if key not in cache:
+        cache[key] = load_domain(name, split, opts.data_root, channels=method.spec.channels, size=method.spec.image_size)
+    images, labels = cache[key]
     report = evaluate_classifier(method, images.to(device), labels.to(device), opts.batch_size, autocast_for(device), dist)
     report = {"method": meta["method"], "checkpoint": str(weights), "step": meta["step"], "domain": f"{name}:{split}", **report}
     written: Path | None = None
