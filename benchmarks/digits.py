@@ -259,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="keep run folders here (default: a temporary folder)")
     ap.add_argument("--json", type=Path, help="also write the raw rows here (rewritten after every run)")
     ap.add_argument("--from-json", type=Path, nargs="+", help="print one table from rows saved by earlier --json runs")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="make --data-root hold the pairs' datasets, then stop (benchmarks/queue.sh runs this "
+                         "once before its jobs, so parallel jobs never unpack one archive at the same time)")
     args = ap.parse_args(argv)
 
     if args.from_json:
@@ -291,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"{args.out / taken[0]} already holds a run ({len(taken)} of this benchmark's folders do); "
                      "pass another --out")
     prepare_data_root(args.shared, args.data_root, pairs)
+    if args.prepare_only:
+        return 0
     dev = device_name(args.device)
     rows = []
 

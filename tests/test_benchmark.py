@@ -358,3 +358,46 @@ def test_a_row_says_which_optimizer_kernels_its_run_used(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "fused_ok", first_only)
     assert bench.run_one(out=tmp_path / "mixed", **{**args, "method": "pixelda"})["optimizer_kernels"] == "mixed"
     assert len(asked) >= 2
+
+
+def test_queue_runs_jobs_in_parallel_skips_finished_ones_and_keeps_a_cut_off_run(tmp_path):
+    """benchmarks/queue.sh: every job's rows land in OUT/NAME.json; a job with rows already is
+    skipped (a cut-off queue resumes with the same command); the run folder an unfinished job
+    left is moved aside, not overwritten, and the job runs again."""
+    import json
+    import os
+    import subprocess
+
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "done.json").write_text(json.dumps([{"method": "source-only", "seed": 9}]))
+    (out / "cut.d").mkdir()
+    (out / "cut.d" / "marker").write_text("an earlier, unfinished run")
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("# comment\n\n"
+                    "a --methods source-only --pairs mnist-usps --seeds 0\n"
+                    "cut --methods source-only --pairs mnist-usps --seeds 1\n"
+                    "done --methods source-only --pairs mnist-usps --seeds 9\n")
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(REPO)}
+    r = subprocess.run(["bash", str(REPO / "benchmarks" / "queue.sh"), str(jobs), "2", str(out),
+                        "--budget", "smoke", "--device", "cpu", "--batch-size", "8",
+                        "--data-root", str(tmp_path / "data")], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = {n: json.loads((out / f"{n}.json").read_text()) for n in ("a", "cut", "done")}
+    assert [(x["method"], x["seed"], x["budget"]) for x in rows["a"]] == [("source-only", 0, "smoke")]
+    assert [x["seed"] for x in rows["cut"]] == [1] and rows["done"] == [{"method": "source-only", "seed": 9}]
+    log = (out / "queue.log").read_text()
+    assert "skip done" in log and "start done" not in log
+    assert "end a rc 0" in log and "end cut rc 0" in log
+    kept = list(out.glob("cut.d.cut-*"))
+    assert len(kept) == 1 and (kept[0] / "marker").read_text() == "an earlier, unfinished run"
+
+
+def test_queue_refuses_a_missing_jobs_file_and_a_bad_count(tmp_path):
+    import subprocess
+
+    q = str(REPO / "benchmarks" / "queue.sh")
+    for args, msg in (([str(tmp_path / "nope.txt"), "2", str(tmp_path)], "no jobs file"),
+                      ([q, "0", str(tmp_path)], "a whole number >= 1")):
+        r = subprocess.run(["bash", q, *args], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
