@@ -18,6 +18,14 @@ from pathlib import Path
 ENTRY = Path(__file__).resolve().parent / "_dist_entry.py"
 REPO = ENTRY.parents[1]
 
+
+def pythonpath() -> str:
+    """PYTHONPATH for a subprocess: the repository first, then whatever the caller had (a
+    machine whose packages come through PYTHONPATH, as on the GPU lease of session 19, where
+    replacing it hid pydantic from 11 tests' subprocesses)."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+
+
 B = 4  # per-rank batch; the single-process references use 2 * B
 
 COMMON = ["--src", "tiny-src", "--tgt", "tiny-tgt", "--device", "cpu", "--batch-size", str(B)]
@@ -84,7 +92,7 @@ def shared_launch(tmp_path_factory) -> Launch:
         argv = []
         for name, cmd in cmds.items():
             argv += (["::"] if argv else []) + cmd
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath()}
         env.pop("UDA_LOG_FORMAT", None)
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                             str(ENTRY), *argv], capture_output=True, text=True, env=env, cwd=root, timeout=240)

@@ -378,7 +378,9 @@ def test_queue_runs_jobs_in_parallel_skips_finished_ones_and_keeps_a_cut_off_run
                     "a --methods source-only --pairs mnist-usps --seeds 0\n"
                     "cut --methods source-only --pairs mnist-usps --seeds 1\n"
                     "done --methods source-only --pairs mnist-usps --seeds 9\n")
-    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(REPO)}
+    import _launch
+
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": _launch.pythonpath()}
     r = subprocess.run(["bash", str(REPO / "benchmarks" / "queue.sh"), str(jobs), "2", str(out),
                         "--budget", "smoke", "--device", "cpu", "--batch-size", "8",
                         "--data-root", str(tmp_path / "data")], capture_output=True, text=True, env=env, timeout=300)

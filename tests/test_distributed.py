@@ -183,7 +183,7 @@ def test_srun_tasks_train_without_torchrun(tmp_path, test_methods):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    env.update(PYTHONPATH=str(_launch.REPO), OMP_NUM_THREADS="1", MASTER_PORT=str(port), SLURM_JOB_ID="77",
+    env.update(PYTHONPATH=_launch.pythonpath(), OMP_NUM_THREADS="1", MASTER_PORT=str(port), SLURM_JOB_ID="77",
                SLURM_STEP_NUM_TASKS="2", SLURM_STEP_TASKS_PER_NODE="2", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2")
     out = tmp_path / "srun"
     cmd = [sys.executable, str(_launch.ENTRY), "train", "--method", "test-mlp", *_launch.COMMON, "--steps", "6",

@@ -77,7 +77,7 @@ def test_sigkill_keeps_the_last_complete_checkpoint(tmp_path, reference, test_me
     run = tmp_path / "run"
     r = subprocess.run([sys.executable, str(_launch.ENTRY), "UDA_TEST_SIGNAL_AT=9:9",
                         *argv(run, "--save-every", "4", "--log-format", "text")],
-                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": _launch.pythonpath()}, timeout=120)
     assert r.returncode == -signal.SIGKILL, r.stderr
     weights = ckpt.resolve_checkpoint(run)
     assert weights.name == "step-00000008.safetensors"  # steps 9 and 10 are lost, nothing else
@@ -154,7 +154,7 @@ def test_sweep_collects_results(tmp_path):
     earlier = {"kind": "result", "run_dir": str(out / "earlier"), "method": "test-mlp", "src": "tiny-src",
                "tgt": "tiny-tgt", "seed": 1, "accuracy": 0.5}
     (out / "results.jsonl").write_text(json.dumps(earlier) + "\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "UDA": f"{sys.executable} {_launch.ENTRY}", "METHODS": "test-mlp",
+    env = {**os.environ, "PYTHONPATH": _launch.pythonpath(), "UDA": f"{sys.executable} {_launch.ENTRY}", "METHODS": "test-mlp",
            "PAIRS": "tiny-src,tiny-tgt", "SEEDS": "0", "STEPS": "3", "OUT": str(out), "EXTRA": "--device cpu --batch-size 8"}
     r = subprocess.run(["bash", str(REPO / "examples" / "sweep.sh")], capture_output=True, text=True, env=env, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
