@@ -228,3 +228,40 @@ def test_an_update_backpropagates_only_into_its_own_group(tmp_path):
     finally:
         del _METHODS["test-gan-probe"]
     assert r.step == 3 and checked == ["G"] * 3
+
+
+def test_precision_picks_the_forward_dtype():
+    from uda_cli.engine.runtime import autocast_for
+
+    lin = torch.nn.Linear(4, 3)
+    x = torch.randn(2, 4)
+    cpu = torch.device("cpu")
+    for precision, dtype in (("auto", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        with autocast_for(cpu, precision)():
+            assert lin(x).dtype == dtype, precision
+    with autocast_for(torch.device("cuda"), "fp32")():  # fp32 turns the CUDA default off (no GPU needed to build it)
+        assert lin(x).dtype == torch.float32
+    with pytest.raises(ConfigError):
+        autocast_for(cpu, "fp16")
+
+
+def test_bf16_training_on_the_cpu_runs_keeps_float32_weights_and_is_recorded(tmp_path):
+    from safetensors.torch import load_file
+
+    r32 = train(opts(tmp_path, out=tmp_path / "fp32", steps=4, eval_every=4), interactive=False)
+    r16 = train(opts(tmp_path, out=tmp_path / "bf16", steps=4, eval_every=4, precision="bf16"), interactive=False)
+    assert r32.step == r16.step == 4
+    w32 = load_file(str(tmp_path / "fp32" / "checkpoints" / "step-00000004.safetensors"))
+    w16 = load_file(str(tmp_path / "bf16" / "checkpoints" / "step-00000004.safetensors"))
+    assert {t.dtype for t in w16.values() if t.is_floating_point()} == {torch.float32}  # master weights stay fp32
+    assert any(not torch.equal(w32[k], w16[k]) for k in w32)  # the bf16 forward changed the steps
+    cfg = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert cfg["options"]["precision"] == "bf16"
+    from uda_cli.config import EvaluateOptions
+    from uda_cli.engine.evaluate import evaluate_checkpoint
+
+    reports = [evaluate_checkpoint(EvaluateOptions(target=tmp_path / "bf16", device="cpu", precision=p))[0]
+               for p in ("fp32", "bf16")]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["step"] == 4 for r in reports)
+    with pytest.raises(ValueError, match="precision"):
+        opts(tmp_path, precision="half")

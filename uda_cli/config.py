@@ -55,6 +55,8 @@ class TrainOptions(Options):
     out: Path | None = Field(default=None, description="run folder (default: runs/<method>_<src>_<tgt>_s<seed>)")
     data_root: Path | None = None
     device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="auto: bf16 autocast on CUDA, float32 on the CPU; fp32: no autocast; bf16: autocast on either")
     save_every: int = Field(default=1000, gt=0)
     eval_every: int = Field(default=1000, ge=0, description="0 turns periodic evaluation off")
     log_every: int = Field(default=50, gt=0)
@@ -101,6 +103,7 @@ class EvaluateOptions(Options):
     json_path: Path | None = None
     data_root: Path | None = None
     device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     batch_size: int = Field(default=512, gt=0)
 
     _device = field_validator("device")(_check_device)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from uda_cli.cli.options import BatchSize, Device, RunDataRoot
+from uda_cli.cli.options import BatchSize, Device, Precision, RunDataRoot
 
 
 def evaluate(
@@ -16,12 +16,14 @@ def evaluate(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here [<run>/eval/...].", show_default=False)] = None,
     data_root: RunDataRoot = None,
     device: Device = None,
+    precision: Precision = None,
     batch_size: BatchSize = None,
 ) -> None:
     """Evaluate a checkpoint on a labelled domain and print a table."""
     from uda_cli.config import EvaluateOptions
 
-    fields = dict(target=target, domain=domain, json_path=json_path, data_root=data_root, device=device, batch_size=batch_size)
+    fields = dict(target=target, domain=domain, json_path=json_path, data_root=data_root, device=device,
+                  precision=precision.value if precision else None, batch_size=batch_size)
     opts = EvaluateOptions(**{k: v for k, v in fields.items() if v is not None})
 
     from uda_cli.engine.evaluate import evaluate_checkpoint

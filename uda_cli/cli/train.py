@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from uda_cli.cli.options import BatchSize, DataRoot, Device
+from uda_cli.cli.options import BatchSize, DataRoot, Device, Precision
 
 
 class LogFormat(str, Enum):
@@ -35,6 +35,7 @@ def train(
     out: Annotated[Optional[Path], typer.Option("--out", help="Run folder [runs/<method>_<src>_<tgt>_s<seed>].", show_default=False)] = None,
     data_root: DataRoot = None,
     device: Device = None,
+    precision: Precision = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="A TOML file with these fields; flags override it.", show_default=False)] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Method hyperparameter name=value (repeatable).", show_default=False)] = None,
     save_every: Annotated[Optional[int], typer.Option("--save-every", help="Checkpoint every N steps [1000].", show_default=False)] = None,
@@ -47,7 +48,8 @@ def train(
     from uda_cli.config import merge_train_options, parse_set
 
     flags = dict(method=method, src=src, tgt=tgt, steps=steps, batch_size=batch_size, seed=seed, out=out,
-                 data_root=data_root, device=device, save_every=save_every, eval_every=eval_every,
+                 data_root=data_root, device=device,
+                 precision=precision.value if precision else None, save_every=save_every, eval_every=eval_every,
                  keep_checkpoints=keep_checkpoints, resume=resume, log_format=log_format.value if log_format else None)
     opts = merge_train_options(config, flags, parse_set(set_))
 

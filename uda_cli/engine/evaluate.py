@@ -43,7 +43,7 @@ def evaluate_checkpoint(opts: EvaluateOptions, loaded: dict | None = None) -> tu
     if key not in cache:
         cache[key] = load_domain(name, split, opts.data_root, channels=method.spec.channels, size=method.spec.image_size)
     images, labels = cache[key]
-    report = evaluate_classifier(method, images.to(device), labels.to(device), opts.batch_size, autocast_for(device), dist)
+    report = evaluate_classifier(method, images.to(device), labels.to(device), opts.batch_size, autocast_for(device, opts.precision), dist)
     report = {"method": meta["method"], "checkpoint": str(weights), "step": meta["step"], "domain": f"{name}:{split}", **report}
     written: Path | None = None
     if not dist.is_main:

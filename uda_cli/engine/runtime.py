@@ -25,11 +25,16 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def autocast_for(device: torch.device) -> Callable[[], ContextManager]:
-    """bf16 autocast on CUDA (no loss scaling needed: bf16 has fp32's range); fp32 on the CPU."""
-    if device.type == "cuda":
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext
+def autocast_for(device: torch.device, precision: str = "auto") -> Callable[[], ContextManager]:
+    """The forward passes' precision. ``auto``: bf16 autocast on CUDA (no loss scaling needed:
+    bf16 has fp32's range), float32 on the CPU; ``fp32``: float32 everywhere (to tell a bf16
+    effect from the method's own behaviour on a GPU); ``bf16``: bf16 autocast on the CPU too
+    (to reproduce a GPU run's precision on a CPU with bf16 units)."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return contextlib.nullcontext
+    if precision not in ("auto", "bf16"):
+        raise ConfigError(f"precision {precision!r}: pick auto, fp32 or bf16")
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def configure_backends(device: torch.device) -> None:

@@ -258,7 +258,7 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
 
     device = dist.device
     configure_backends(device)
-    autocast = autocast_for(device)
+    autocast = autocast_for(device, opts.precision)
     seed_everything(opts.seed)
 
     # Data: each split read once, converted once, kept once (on the device), however many
