@@ -155,7 +155,7 @@ def device_name(device: str) -> str:
 
 
 def run_one(method: str, pair: Pair, steps: int | None, seed: int, device: str, data_root: Path, out: Path,
-            batch_size: int | None, params: dict | None = None, target_val: int = 0) -> dict:
+            batch_size: int | None, params: dict | None = None, target_val: int = 0, precision: str = "auto") -> dict:
     """Train one run and evaluate it on the pair's test split; with target_val > 0 the last
     target_val target train images are held out of training and evaluated on as well."""
     from uda_cli.config import EvaluateOptions, TrainOptions, method_config
@@ -168,23 +168,24 @@ def run_one(method: str, pair: Pair, steps: int | None, seed: int, device: str, 
     tgt = f"{pair.tgt}:train[:-{target_val}]" if target_val else pair.tgt
     opts = TrainOptions(method=method, src=pair.src, tgt=tgt, steps=steps, batch_size=batch_size, seed=seed,
                         out=out, device=device, data_root=data_root, eval_every=0, save_every=10**9,
-                        log_every=max(total // 5, 50), params=params or {})
+                        log_every=max(total // 5, 50), params=params or {}, precision=precision)
     result = train(opts, interactive=False)
     if result.interrupted_by is not None:  # a signal stopped the run: its row would be a partial run
         raise SystemExit(128 + int(result.interrupted_by))
-    report, _ = evaluate_checkpoint(EvaluateOptions(target=out, domain=pair.eval, device=device, data_root=data_root))
+    report, _ = evaluate_checkpoint(EvaluateOptions(target=out, domain=pair.eval, device=device, data_root=data_root,
+                                                    precision=precision))
     kernels = optimizer_kernels(out)
     val = {}
     if target_val:
         v, _ = evaluate_checkpoint(EvaluateOptions(target=out, domain=f"{pair.tgt}:train[-{target_val}:]", device=device,
-                                                   data_root=data_root))
+                                                   data_root=data_root, precision=precision))
         val = {"target_val": target_val, "val_accuracy": v["accuracy"]}
     return {
         "late_signal": result.late_signal,
         "method": method, "pair": pair.label, "seed": seed, "steps": result.step, "accuracy": report["accuracy"],
         "batch_size": batch_size or cfg.batch_size, "params": params or {},
         "wall_s": time.perf_counter() - t0, "img_s": result.images_seen / max(result.train_seconds, 1e-9),
-        "optimizer_kernels": kernels, **val,
+        "optimizer_kernels": kernels, **val, **({"precision": precision} if precision != "auto" else {}),
     }
 
 
@@ -201,7 +202,10 @@ def optimizer_kernels(run: Path) -> str:
 
 
 def _params_text(r: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in sorted(r.get("params", {}).items())) or "–"
+    """The run's hyperparameters, and its --precision when one was given (so the table keeps
+    an fp32 run apart from one in the device's default precision)."""
+    given = {**r.get("params", {}), **({"precision": r["precision"]} if r.get("precision", "auto") != "auto" else {})}
+    return " ".join(f"{k}={v}" for k, v in sorted(given.items())) or "–"
 
 
 def _mean_std(values: list[float]) -> str:
@@ -254,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="hold the last N target train images out of training and report accuracy on them "
                          "(for choosing settings; the test column stays the one to report)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="as `uda train --precision` (auto: bf16 on CUDA, float32 on the CPU); the params column "
+                         "and the run folder name say when it is not auto")
     ap.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
     ap.add_argument("--data-root", type=Path, default=Path(tempfile.gettempdir()) / "uda-bench-data")
     ap.add_argument("--out", type=Path, help="keep run folders here (default: a temporary folder)")
@@ -327,9 +334,9 @@ def _seed_list(text: str) -> list[int]:
 
 
 def run_folder(method: str, key: str, budget: str, seed: int, sets: dict, control: bool = False,
-               steps: int | None = None, batch: int | None = None, target_val: int = 0) -> str:
+               steps: int | None = None, batch: int | None = None, target_val: int = 0, precision: str = "auto") -> str:
     """A run's folder name under --out. What the command line changed from the budget is part of
-    it: --steps, --batch-size and --target-val when given, then the --set values (the control's
+    it: --steps, --batch-size, --target-val and --precision when given, then the --set values (the control's
     folder too, since it is the control of that setting), so one --out can hold a sweep of
     settings or lengths without two runs meeting in one folder:
     ``i2i_svhn-mnist_cpu_lambda_tr_0.005_s1``, ``source-only_svhn-mnist_cpu_steps4500_b32_val5000_s0``."""
@@ -337,6 +344,7 @@ def run_folder(method: str, key: str, budget: str, seed: int, sets: dict, contro
 
     given = (("steps", steps), ("b", batch), ("val", target_val or None))
     tag = "".join(f"_{name}{n}" for name, n in given if n is not None)
+    tag += f"_{precision}" if precision != "auto" else ""
     tag += "".join(f"_{flat_name(f'{k}={v}')}" for k, v in sorted(sets.items()))
     return f"{'source-only@' if control else ''}{method}_{key}_{budget}{tag}_s{seed}"
 
@@ -364,7 +372,7 @@ def _plan(args, pairs: list[str], sets: dict) -> list[PlannedRun]:
             params = {**dict(b.params), **PAIR_PARAMS.get((m, key), {}), **sets}
             for seed in args.seeds:
                 name = dict(budget=args.budget, seed=seed, sets=sets, steps=args.steps, batch=args.batch_size,
-                            target_val=args.target_val)
+                            target_val=args.target_val, precision=args.precision)
                 plan.append(PlannedRun(m, key, seed, args.steps or b.steps, args.batch_size or b.batch_size, params,
                                        run_folder(m, key, **name),
                                        run_folder(m, key, **name, control=True) if control else None))
@@ -376,10 +384,11 @@ def _run_all(args, plan: list[PlannedRun], rows: list[dict], record) -> None:
         base = args.out or Path(tmp)
         for run in plan:
             record(run_one(run.method, PAIRS[run.key], run.steps, run.seed, args.device, args.data_root,
-                           base / run.folder, run.batch, run.params, args.target_val), run.key)
+                           base / run.folder, run.batch, run.params, args.target_val, args.precision), run.key)
             if run.control_folder:
                 r = run_one("source-only", PAIRS[run.key], rows[-1]["steps"], run.seed, args.device, args.data_root,
-                            base / run.control_folder, rows[-1]["batch_size"], target_val=args.target_val)
+                            base / run.control_folder, rows[-1]["batch_size"], target_val=args.target_val,
+                            precision=args.precision)
                 r["method"] = f"source-only @ {run.method}"
                 record(r, run.key)
 

@@ -403,3 +403,21 @@ def test_queue_refuses_a_missing_jobs_file_and_a_bad_count(tmp_path):
                       ([q, "0", str(tmp_path)], "a whole number >= 1")):
         r = subprocess.run(["bash", q, *args], capture_output=True, text=True, timeout=30)
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_precision_reaches_the_run_its_folder_its_row_and_the_table(tmp_path, capsys):
+    import json
+
+    bench = load_bench()
+    common = ["--methods", "source-only", "--pairs", "mnist-usps", "--budget", "smoke", "--device", "cpu",
+              "--batch-size", "8", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "runs")]
+    assert bench.main([*common, "--json", str(tmp_path / "auto.json")]) == 0
+    assert bench.main([*common, "--precision", "bf16", "--json", str(tmp_path / "bf16.json")]) == 0  # not "already holds"
+    cfg = json.loads((tmp_path / "runs" / "source-only_mnist-usps_smoke_b8_bf16_s0" / "config.json").read_text())
+    assert cfg["options"]["precision"] == "bf16"
+    auto, bf16 = (json.loads((tmp_path / f"{n}.json").read_text())[0] for n in ("auto", "bf16"))
+    assert "precision" not in auto and bf16["precision"] == "bf16"
+    capsys.readouterr()
+    assert bench.main(["--from-json", str(tmp_path / "auto.json"), str(tmp_path / "bf16.json")]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if "MNIST→USPS" in l]
+    assert len(lines) == 2 and sum("| precision=bf16 |" in l for l in lines) == 1
