@@ -172,13 +172,12 @@ def run_one(method: str, pair: Pair, steps: int | None, seed: int, device: str, 
     result = train(opts, interactive=False)
     if result.interrupted_by is not None:  # a signal stopped the run: its row would be a partial run
         raise SystemExit(128 + int(result.interrupted_by))
-    report, _ = evaluate_checkpoint(EvaluateOptions(target=out, domain=pair.eval, device=device, data_root=data_root,
-                                                    precision=precision))
+    report, _ = evaluate_checkpoint(EvaluateOptions(target=out, domain=pair.eval, device=device, data_root=data_root))
     kernels = optimizer_kernels(out)
     val = {}
     if target_val:
         v, _ = evaluate_checkpoint(EvaluateOptions(target=out, domain=f"{pair.tgt}:train[-{target_val}:]", device=device,
-                                                   data_root=data_root, precision=precision))
+                                                   data_root=data_root))
         val = {"target_val": target_val, "val_accuracy": v["accuracy"]}
     return {
         "late_signal": result.late_signal,
@@ -258,7 +257,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="hold the last N target train images out of training and report accuracy on them "
                          "(for choosing settings; the test column stays the one to report)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+    from typing import get_args
+
+    from uda_cli.config import Precision
+
+    ap.add_argument("--precision", choices=get_args(Precision), default="auto",
                     help="as `uda train --precision` (auto: bf16 on CUDA, float32 on the CPU); the params column "
                          "and the run folder name say when it is not auto")
     ap.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")

@@ -260,8 +260,13 @@ def test_bf16_training_on_the_cpu_runs_keeps_float32_weights_and_is_recorded(tmp
     from uda_cli.config import EvaluateOptions
     from uda_cli.engine.evaluate import evaluate_checkpoint
 
-    reports = [evaluate_checkpoint(EvaluateOptions(target=tmp_path / "bf16", device="cpu", precision=p))[0]
-               for p in ("fp32", "bf16")]
-    assert all(0.0 <= r["accuracy"] <= 1.0 and r["step"] == 4 for r in reports)
+    def read(run, **kw):
+        return evaluate_checkpoint(EvaluateOptions(target=tmp_path / run, device="cpu", **kw))[0]
+
+    reports = {p: read("bf16", precision=p) for p in ("fp32", "bf16")}
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["step"] == 4 and r["precision"] == p for p, r in reports.items())
+    # Without --precision a run is read as it trained: bf16 for the bf16 run, float32 for the other.
+    assert read("bf16")["precision"] == "bf16" and read("fp32")["precision"] == "fp32"
+    assert read("bf16")["accuracy"] == reports["bf16"]["accuracy"]
     with pytest.raises(ValueError, match="precision"):
         opts(tmp_path, precision="half")

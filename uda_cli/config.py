@@ -21,6 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from uda_cli.errors import ConfigError
 
+# The forward passes' precision (uda_cli.engine.runtime.autocast_for); the CLI's choices and
+# benchmarks/digits.py's are read from here.
+Precision = Literal["auto", "fp32", "bf16"]
+
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -55,7 +59,7 @@ class TrainOptions(Options):
     out: Path | None = Field(default=None, description="run folder (default: runs/<method>_<src>_<tgt>_s<seed>)")
     data_root: Path | None = None
     device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = Field(
+    precision: Precision = Field(
         default="auto", description="auto: bf16 autocast on CUDA, float32 on the CPU; fp32: no autocast; bf16: autocast on either")
     save_every: int = Field(default=1000, gt=0)
     eval_every: int = Field(default=1000, ge=0, description="0 turns periodic evaluation off")
@@ -103,7 +107,7 @@ class EvaluateOptions(Options):
     json_path: Path | None = None
     data_root: Path | None = None
     device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Precision | None = Field(default=None, description="default: the precision the run trained in")
     batch_size: int = Field(default=512, gt=0)
 
     _device = field_validator("device")(_check_device)

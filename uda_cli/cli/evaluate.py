@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from uda_cli.cli.options import BatchSize, Device, Precision, RunDataRoot
+from uda_cli.cli.options import BatchSize, Device, RunDataRoot, RunPrecision
 
 
 def evaluate(
@@ -16,7 +16,7 @@ def evaluate(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here [<run>/eval/...].", show_default=False)] = None,
     data_root: RunDataRoot = None,
     device: Device = None,
-    precision: Precision = None,
+    precision: RunPrecision = None,
     batch_size: BatchSize = None,
 ) -> None:
     """Evaluate a checkpoint on a labelled domain and print a table."""

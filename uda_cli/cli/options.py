@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, get_args
 
 import typer
+
+from uda_cli.config import Precision as PrecisionName
 
 DataRoot = Annotated[
     Optional[Path],
@@ -24,15 +26,15 @@ Device = Annotated[
 ]
 
 
-class PrecisionChoice(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
-
-
+PrecisionChoice = Enum("PrecisionChoice", {v: v for v in get_args(PrecisionName)}, type=str)
+_PRECISION_HELP = ("auto: bf16 autocast on CUDA, float32 on the CPU; fp32: float32 everywhere; bf16: bf16 autocast "
+                   "on either (fast on a CPU with bf16 units, e.g. AMX)")
 Precision = Annotated[
+    Optional[PrecisionChoice], typer.Option("--precision", help=f"{_PRECISION_HELP} [auto].", show_default=False)
+]
+# uda evaluate: a run is read in the precision it trained in unless told otherwise.
+RunPrecision = Annotated[
     Optional[PrecisionChoice],
-    typer.Option("--precision", help="auto: bf16 autocast on CUDA, float32 on the CPU; fp32: float32 everywhere; "
-                 "bf16: bf16 autocast on either (fast on a CPU with bf16 units, e.g. AMX) [auto].", show_default=False),
+    typer.Option("--precision", help=f"{_PRECISION_HELP} [the run's own].", show_default=False),
 ]
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Images per batch.", show_default=False)]

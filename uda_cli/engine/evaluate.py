@@ -16,7 +16,7 @@ from uda_cli.data.registry import get_domain, load_domain, parse_domain, resolve
 from uda_cli.engine import checkpoint as ckpt
 from uda_cli.engine import distributed
 from uda_cli.engine.metrics import evaluate_classifier
-from uda_cli.engine.runtime import autocast_for
+from uda_cli.engine.runtime import autocast_for, resolve_precision
 from uda_cli.errors import ConfigError
 
 
@@ -43,8 +43,12 @@ def evaluate_checkpoint(opts: EvaluateOptions, loaded: dict | None = None) -> tu
     if key not in cache:
         cache[key] = load_domain(name, split, opts.data_root, channels=method.spec.channels, size=method.spec.image_size)
     images, labels = cache[key]
-    report = evaluate_classifier(method, images.to(device), labels.to(device), opts.batch_size, autocast_for(device, opts.precision), dist)
-    report = {"method": meta["method"], "checkpoint": str(weights), "step": meta["step"], "domain": f"{name}:{split}", **report}
+    # As the run trained unless told otherwise (an fp32 run on a GPU is read in fp32, not bf16).
+    precision = opts.precision or meta["options"].get("precision", "auto")
+    report = evaluate_classifier(method, images.to(device), labels.to(device), opts.batch_size,
+                                 autocast_for(device, precision), dist)
+    report = {"method": meta["method"], "checkpoint": str(weights), "step": meta["step"], "domain": f"{name}:{split}",
+              "precision": resolve_precision(device, precision), **report}
     written: Path | None = None
     if not dist.is_main:
         return report, None

@@ -25,15 +25,26 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def resolve_precision(device: torch.device, precision: str = "auto") -> str:
+    """"fp32" or "bf16": what the forward passes run in. ``auto``: bf16 autocast on CUDA (no
+    loss scaling needed: bf16 has fp32's range), float32 on the CPU; ``fp32``: float32
+    everywhere (to tell a bf16 effect from the method's own behaviour on a GPU); ``bf16``: bf16
+    autocast on the CPU too (to reproduce a GPU run's precision on a CPU with bf16 units)."""
+    from typing import get_args
+
+    from uda_cli.config import Precision
+
+    if precision not in get_args(Precision):
+        raise ConfigError(f"precision {precision!r}: pick one of {', '.join(get_args(Precision))}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
 def autocast_for(device: torch.device, precision: str = "auto") -> Callable[[], ContextManager]:
-    """The forward passes' precision. ``auto``: bf16 autocast on CUDA (no loss scaling needed:
-    bf16 has fp32's range), float32 on the CPU; ``fp32``: float32 everywhere (to tell a bf16
-    effect from the method's own behaviour on a GPU); ``bf16``: bf16 autocast on the CPU too
-    (to reproduce a GPU run's precision on a CPU with bf16 units)."""
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+    """The context the forward passes run in, for ``resolve_precision(device, precision)``."""
+    if resolve_precision(device, precision) == "fp32":
         return contextlib.nullcontext
-    if precision not in ("auto", "bf16"):
-        raise ConfigError(f"precision {precision!r}: pick auto, fp32 or bf16")
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
