@@ -268,5 +268,11 @@ def test_bf16_training_on_the_cpu_runs_keeps_float32_weights_and_is_recorded(tmp
     # Without --precision a run is read as it trained: bf16 for the bf16 run, float32 for the other.
     assert read("bf16")["precision"] == "bf16" and read("fp32")["precision"] == "fp32"
     assert read("bf16")["accuracy"] == reports["bf16"]["accuracy"]
+    # Resumed without the flag, a run keeps training in its own precision; the flag overrides it.
+    train(opts(tmp_path, out=tmp_path / "bf16", steps=6, eval_every=6, resume="auto"), interactive=False)
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["options"]["precision"] == "bf16"
+    assert read("bf16")["step"] == 6 and read("bf16")["precision"] == "bf16"
+    train(opts(tmp_path, out=tmp_path / "bf16", steps=8, eval_every=8, resume="auto", precision="fp32"), interactive=False)
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["options"]["precision"] == "fp32"
     with pytest.raises(ValueError, match="precision"):
         opts(tmp_path, precision="half")

@@ -59,8 +59,9 @@ class TrainOptions(Options):
     out: Path | None = Field(default=None, description="run folder (default: runs/<method>_<src>_<tgt>_s<seed>)")
     data_root: Path | None = None
     device: str = "auto"
-    precision: Precision = Field(
-        default="auto", description="auto: bf16 autocast on CUDA, float32 on the CPU; fp32: no autocast; bf16: autocast on either")
+    precision: Precision | None = Field(
+        default=None, description="auto: bf16 autocast on CUDA, float32 on the CPU; fp32: no autocast; bf16: autocast "
+                                  "on either; default: a resumed run's own, else auto")
     save_every: int = Field(default=1000, gt=0)
     eval_every: int = Field(default=1000, ge=0, description="0 turns periodic evaluation off")
     log_every: int = Field(default=50, gt=0)

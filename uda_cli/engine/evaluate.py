@@ -44,7 +44,7 @@ def evaluate_checkpoint(opts: EvaluateOptions, loaded: dict | None = None) -> tu
         cache[key] = load_domain(name, split, opts.data_root, channels=method.spec.channels, size=method.spec.image_size)
     images, labels = cache[key]
     # As the run trained unless told otherwise (an fp32 run on a GPU is read in fp32, not bf16).
-    precision = opts.precision or meta["options"].get("precision", "auto")
+    precision = opts.precision or meta["options"].get("precision") or "auto"
     report = evaluate_classifier(method, images.to(device), labels.to(device), opts.batch_size,
                                  autocast_for(device, precision), dist)
     report = {"method": meta["method"], "checkpoint": str(weights), "step": meta["step"], "domain": f"{name}:{split}",

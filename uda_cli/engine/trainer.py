@@ -256,6 +256,9 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
     if resume_meta:
         _check_resume_compatible(resume_meta, opts, cfg, batch_size, resume_from, world)
 
+    # A resumed run keeps the precision it trained in unless told otherwise (it is recorded below).
+    saved_precision = (resume_meta or {}).get("options", {}).get("precision")
+    opts = opts.model_copy(update={"precision": opts.precision or saved_precision or "auto"})
     device = dist.device
     configure_backends(device)
     autocast = autocast_for(device, opts.precision)
