@@ -155,9 +155,14 @@ def device_name(device: str) -> str:
 
 
 def run_one(method: str, pair: Pair, steps: int | None, seed: int, device: str, data_root: Path, out: Path,
-            batch_size: int | None, params: dict | None = None, target_val: int = 0, precision: str = "auto") -> dict:
+            batch_size: int | None, params: dict | None = None, target_val: int = 0, precision: str = "auto",
+            eval_every: int = 0) -> dict:
     """Train one run and evaluate it on the pair's test split; with target_val > 0 the last
-    target_val target train images are held out of training and evaluated on as well."""
+    target_val target train images are held out of training and evaluated on as well. With
+    eval_every > 0 the trainer also evaluates on the target's test split every eval_every
+    steps (logged only: the row's accuracy is still the last step's) and the row keeps that
+    curve as [[step, accuracy], ...], so a run whose folder stays behind (a GPU lease's) still
+    says when it went wrong."""
     from uda_cli.config import EvaluateOptions, TrainOptions, method_config
     from uda_cli.engine.evaluate import evaluate_checkpoint
     from uda_cli.engine.trainer import train
@@ -167,7 +172,7 @@ def run_one(method: str, pair: Pair, steps: int | None, seed: int, device: str, 
     total = steps or cfg.steps
     tgt = f"{pair.tgt}:train[:-{target_val}]" if target_val else pair.tgt
     opts = TrainOptions(method=method, src=pair.src, tgt=tgt, steps=steps, batch_size=batch_size, seed=seed,
-                        out=out, device=device, data_root=data_root, eval_every=0, save_every=10**9,
+                        out=out, device=device, data_root=data_root, eval_every=eval_every, save_every=10**9,
                         log_every=max(total // 5, 50), params=params or {}, precision=precision)
     result = train(opts, interactive=False)
     if result.interrupted_by is not None:  # a signal stopped the run: its row would be a partial run
@@ -179,12 +184,16 @@ def run_one(method: str, pair: Pair, steps: int | None, seed: int, device: str, 
         v, _ = evaluate_checkpoint(EvaluateOptions(target=out, domain=f"{pair.tgt}:train[-{target_val}:]", device=device,
                                                    data_root=data_root))
         val = {"target_val": target_val, "val_accuracy": v["accuracy"]}
+    evals = [rec for rec in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if rec["kind"] == "eval"]
+    curve = {"eval_every": eval_every, "curve": [[rec["step"], rec["accuracy"]] for rec in evals],
+             "curve_domain": evals[0]["domain"] if evals else None} if eval_every else {}
     return {
         "late_signal": result.late_signal,
         "method": method, "pair": pair.label, "seed": seed, "steps": result.step, "accuracy": report["accuracy"],
         "batch_size": batch_size or cfg.batch_size, "params": params or {},
         "wall_s": time.perf_counter() - t0, "img_s": result.images_seen / max(result.train_seconds, 1e-9),
         "optimizer_kernels": kernels, **val, **({"precision": precision} if precision != "auto" else {}),
+        **curve,
     }
 
 
@@ -264,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", choices=get_args(Precision), default="auto",
                     help="as `uda train --precision` (auto: bf16 on CUDA, float32 on the CPU); the params column "
                          "and the run folder name say when it is not auto")
+    ap.add_argument("--eval-every", type=int, default=0, metavar="N",
+                    help="also evaluate on the target's test split every N steps of each run (logged only, never "
+                         "used to pick a checkpoint); the row keeps the curve (benchmarks/curves.py reads run folders)")
     ap.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
     ap.add_argument("--data-root", type=Path, default=Path(tempfile.gettempdir()) / "uda-bench-data")
     ap.add_argument("--out", type=Path, help="keep run folders here (default: a temporary folder)")
@@ -281,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
                         rows[0].get("budget", args.budget), rows[0].get("device", "?")))
         return 0
 
+    if args.eval_every < 0:
+        ap.error(f"--eval-every {args.eval_every}: give a number of steps >= 1, or 0 for no evaluation during runs")
     if args.target_val < 0:
         ap.error(f"--target-val {args.target_val}: give a number of images >= 1, or 0 for no held-out split")
     pairs = args.pairs.split(",")
@@ -387,11 +401,12 @@ def _run_all(args, plan: list[PlannedRun], rows: list[dict], record) -> None:
         base = args.out or Path(tmp)
         for run in plan:
             record(run_one(run.method, PAIRS[run.key], run.steps, run.seed, args.device, args.data_root,
-                           base / run.folder, run.batch, run.params, args.target_val, args.precision), run.key)
+                           base / run.folder, run.batch, run.params, args.target_val, args.precision, args.eval_every),
+                   run.key)
             if run.control_folder:
                 r = run_one("source-only", PAIRS[run.key], rows[-1]["steps"], run.seed, args.device, args.data_root,
                             base / run.control_folder, rows[-1]["batch_size"], target_val=args.target_val,
-                            precision=args.precision)
+                            precision=args.precision, eval_every=args.eval_every)
                 r["method"] = f"source-only @ {run.method}"
                 record(r, run.key)
 

@@ -421,3 +421,37 @@ def test_precision_reaches_the_run_its_folder_its_row_and_the_table(tmp_path, ca
     assert bench.main(["--from-json", str(tmp_path / "auto.json"), str(tmp_path / "bf16.json")]) == 0
     lines = [l for l in capsys.readouterr().out.splitlines() if "MNIST→USPS" in l]
     assert len(lines) == 2 and sum("| precision=bf16 |" in l for l in lines) == 1
+
+
+def test_eval_every_keeps_the_curve_in_the_row_without_changing_the_run(tmp_path, capsys):
+    """--eval-every N: the row holds the trainer's evaluations on the target's test split (the
+    rows come back from a GPU lease when run folders cannot), and evaluating during the run
+    leaves its training alone: the final accuracy is the run's without them. A negative N is
+    refused in one line."""
+    import json
+
+    import torch
+
+    bench = load_bench()
+    common = ["--methods", "pixelda", "--pairs", "mnist-usps", "--budget", "smoke", "--device", "cpu", "--steps", "6",
+              "--batch-size", "8", "--data-root", str(tmp_path / "data"), "--set", "g_filters=8", "--set", "g_blocks=1"]
+    assert bench.main([*common, "--json", str(tmp_path / "plain.json"), "--out", str(tmp_path / "plain")]) == 0
+    assert bench.main([*common, "--eval-every", "2", "--json", str(tmp_path / "curve.json"),
+                       "--out", str(tmp_path / "runs")]) == 0
+    plain, curved = (json.loads((tmp_path / f"{n}.json").read_text())[0] for n in ("plain", "curve"))
+    assert "curve" not in plain and curved["eval_every"] == 2 and curved["curve_domain"] == "usps1800:test"
+    folder = "pixelda_mnist-usps_smoke_steps6_b8_g_blocks_1_g_filters_8_s0"
+    logged = [json.loads(l) for l in (tmp_path / "runs" / folder / "metrics.jsonl").read_text().splitlines()]
+    assert curved["curve"] == [[r["step"], r["accuracy"]] for r in logged if r["kind"] == "eval"]
+    assert [s for s, _ in curved["curve"]] == [2, 4, 6] and all(0 <= a <= 1 for _, a in curved["curve"])
+    assert curved["curve"][-1][1] == curved["accuracy"]  # the last point is the row's own number (same split)
+    # The same weights bit for bit (six steps of PixelDA still read every USPS image alike, so
+    # equal accuracies alone would not show it).
+    from safetensors.torch import load_file
+
+    from uda_cli.engine.checkpoint import resolve_checkpoint
+
+    a, b = (load_file(resolve_checkpoint(tmp_path / d / folder)) for d in ("plain", "runs"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert curved["accuracy"] == plain["accuracy"]
+    refused(bench.main, [*common, "--eval-every", "-1"], "--eval-every -1: give a number of steps", capsys)
