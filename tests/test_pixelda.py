@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import signal
+import tomllib
+from pathlib import Path
 
 import pytest
 import torch
 
-from uda_cli.config import EvaluateOptions, TrainOptions, method_config
+from uda_cli.config import EvaluateOptions, TrainOptions, merge_train_options, method_config
 from uda_cli.engine import checkpoint as ckpt
 from uda_cli.engine.evaluate import evaluate_checkpoint
 from uda_cli.engine.trainer import build_optimizers, load_method, train
@@ -254,3 +256,32 @@ def test_interrupt_then_resume_equals_uninterrupted(tmp_path):
     assert resumed.step == 2 * n
     assert_same_weights(tmp_path / "full", tmp_path / "part")
     assert resumed.final_eval["accuracy"] == full.final_eval["accuracy"]
+
+
+# ---- example configs --------------------------------------------------------------------------
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples" / "pixelda").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_config_validates_and_runs(tmp_path, path):
+    """Each file's [params] are real hyperparameters and it trains (small networks on tiny data
+    via --set, as a user would shrink it); L_c is computed and logged exactly when its gamma is on."""
+    data = tomllib.loads(path.read_text())
+    assert data["method"] == "pixelda"
+    cfg = PixelDA.Config(**data["params"])
+    o = merge_train_options(path, dict(src="tiny-src", tgt="tiny-tgt", steps=2, batch_size=4, out=tmp_path / "run",
+                                       device="cpu", eval_every=0, save_every=100, log_every=1), dict(SMALL))
+    assert o.params == {**data["params"], **SMALL}
+    r = train(o, interactive=False)
+    assert r.step == 2 and all(math.isfinite(v) for v in r.history[-1].values())
+    assert ("g/content" in r.history[-1]) == (cfg.gamma > 0)
+
+
+def test_mnistm_example_is_the_default_and_usps_differs_only_by_the_content_loss():
+    load = lambda name: tomllib.loads((EXAMPLES[0].parent / f"{name}.toml").read_text())["params"]  # noqa: E731
+    d = PixelDA.Config()
+    assert PixelDA.Config(**load("mnist_mnistm")) == d
+    usps = PixelDA.Config(**load("mnist_usps"))
+    changed = {k for k in PixelDA.Config.model_fields if getattr(usps, k) != getattr(d, k)}
+    assert changed == {"gamma"} and usps.gamma == 0.1 and usps.content_mask == "foreground"
