@@ -42,8 +42,11 @@ def read_run(run: Path, domain: str | None = None, data_root: Path | None = None
     try:
         cfg = json.loads(cfg_path.read_text())
         opts = cfg["options"]
+        # A run whose forward ran in bf16 (--precision bf16, or auto on CUDA) is its own group:
+        # the same seed and settings in float32 is another run.
+        given = {**(opts.get("params") or {}), **({"precision": "bf16"} if bf16_run(cfg) else {})}
         key = (cfg["method"], f"{opts['src']}->{opts['tgt']}",
-               " ".join(f"{k}={v}" for k, v in sorted((opts.get("params") or {}).items())) or "–")
+               " ".join(f"{k}={v}" for k, v in sorted(given.items())) or "–")
         seed = int(opts["seed"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{run}/config.json is not a uda run config ({type(e).__name__}: {e})") from None
@@ -55,6 +58,22 @@ def read_run(run: Path, domain: str | None = None, data_root: Path | None = None
         raise ValueError(f"{run}: no evaluation was logged; train with --eval-every N (or let the run finish)")
     acc = {int(r["step"]): 100.0 * float(r["accuracy"]) for r in evals}
     return (*key, " + ".join(sorted({str(r.get("domain", "?")) for r in evals}))), seed, acc
+
+
+def bf16_run(cfg: dict) -> bool:
+    """Whether a run's config says its forward ran in bf16: its recorded --precision (runs
+    before it had none: auto) resolved on its recorded device."""
+    import torch
+
+    from uda_cli.engine.runtime import resolve_precision
+
+    from uda_cli.errors import ConfigError
+
+    try:
+        return resolve_precision(torch.device(cfg.get("device") or "cpu"),
+                                 cfg["options"].get("precision") or "auto") == "bf16"
+    except (ConfigError, RuntimeError) as e:  # a device or precision no uda wrote
+        raise ValueError(f"device {cfg.get('device')!r} / precision {cfg['options'].get('precision')!r}: {e}") from None
 
 
 def evaluate_kept(run: Path, domain: str, data_root: Path | None, device: str,

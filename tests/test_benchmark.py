@@ -474,3 +474,29 @@ def test_paper_budget_turns_pixeldas_content_loss_on_for_mnist_usps_only(tmp_pat
     run = tmp_path / "runs" / "pixelda_mnist-usps_paper_steps2_b4_s0"
     assert json.loads((run / "config.json").read_text())["config"]["gamma"] == 0.1
     assert any("g/content" in json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines())
+
+
+def test_curves_keeps_bf16_runs_apart_from_float32_ones(tmp_path, capsys):
+    """A run whose forward ran in bf16 (--precision bf16, or auto on a CUDA device: read from
+    its config) is its own group, so two precisions of a setting are never averaged together."""
+    import json
+    import shutil
+
+    from uda_cli.config import TrainOptions
+    from uda_cli.engine.trainer import train
+
+    curves = load_bench("curves")
+
+    def run(name, seed, **kw):
+        train(TrainOptions(method="source-only", src="tiny-src", tgt="tiny-tgt", steps=2, batch_size=8, out=tmp_path / name,
+                           seed=seed, device="cpu", save_every=2, eval_every=2, log_every=2, **kw), interactive=False)
+        return tmp_path / name
+
+    runs = [run("fp32", 0), run("bf16", 1, precision="bf16")]
+    shutil.copytree(runs[0], tmp_path / "gpu")  # the float32 run, as if it had run with auto on CUDA
+    cfg = json.loads((tmp_path / "gpu" / "config.json").read_text())
+    cfg["device"], cfg["options"]["seed"] = "cuda:0", 2
+    (tmp_path / "gpu" / "config.json").write_text(json.dumps(cfg))
+    assert curves.main([str(r) for r in (*runs, tmp_path / "gpu")]) == 0
+    rows = [[c.strip() for c in l.strip("|").split("|")] for l in capsys.readouterr().out.splitlines()[2:]]
+    assert sorted((r[2], r[5]) for r in rows) == [("precision=bf16", "1,2"), ("–", "0")]
