@@ -66,7 +66,6 @@ def bf16_run(cfg: dict) -> bool:
     import torch
 
     from uda_cli.engine.runtime import resolve_precision
-
     from uda_cli.errors import ConfigError
 
     try:

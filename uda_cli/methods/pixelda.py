@@ -62,7 +62,7 @@ Where we chose or departed:
   Seen on every seed on an H100 (session 19) and, on the CPU (session 20, bf16, 1,400-2,500
   steps), on seeds 0 and 3 of 0-3 with G at 64 filters and on seed 3 with G at 32;
   ``benchmarks/translation_probe.py`` shows it early: the translator keeps the label of
-  15-24% of G(x_s) while T reads G(x_s) at 86-90%. L_c (masked to the source's foreground)
+  15-24% of G(x_s) while T reads G(x_s) at 84-90%. L_c (masked to the source's foreground)
   at gamma 0.1 kept the digit on both of those seeds (87.0% on USPS at 2,500 steps for seed
   0, rising past 84% at 1,250 for seed 3, where gamma 0 and 0.01 had fallen to 40-48%);
   gamma 0.01 saved seed 0 only. So ``examples/pixelda/mnist_usps.toml`` and
