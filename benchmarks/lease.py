@@ -19,7 +19,7 @@ folders are git-ignored; the call names them in ``carry``.
 
 There, in one call (``run`` with ``carry: [".whl", ".lease"]``)::
 
-    python3 benchmarks/lease.py run benchmarks/lease_jobs.txt --parallel 8 --seconds 420 -- --budget paper --device cuda
+    python3 benchmarks/lease.py run benchmarks/lease_jobs.txt --parallel 11 --seconds 420 -- --budget paper --device cuda
 
 installs the wheels into /tmp/site when ``import pydantic`` fails, runs the jobs file through
 ``benchmarks/queue.sh`` (N ``digits.py`` jobs at a time), and at ``--seconds`` stops what is
@@ -254,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
             if n > 60 * 2**20:
                 raise LeaseError(f"{n / 2**20:.0f} MiB to carry, past a call's 64 MiB; carry fewer datasets")
             print(f"{n / 2**20:.1f} MiB in {args.dest} and {args.wheels}. The device call (carry: "
-                  f'[".whl", ".lease"]):\n  python3 benchmarks/lease.py run benchmarks/lease_jobs.txt --parallel 8 '
+                  f'[".whl", ".lease"], timeout_s 600: 420 s of jobs, up to 60 s for them to stop, then the '
+                  "collection):\n  python3 benchmarks/lease.py run benchmarks/lease_jobs.txt --parallel 11 "
                   "--seconds 420 -- --budget paper --device cuda")
             return 0
         out = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
