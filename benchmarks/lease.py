@@ -153,12 +153,14 @@ def run_folders(q: Path) -> list[Path]:
     return sorted(p.parent for p in q.glob("*.d*/*/config.json"))
 
 
-def archive(q: Path, out: Path, weights_for: set[str], max_bytes: int, log: list[str]) -> list[Path]:
-    """runs.tar.gz of the queue's rows, logs and run folders (newest weights of ``weights_for``
-    methods only, dropped largest first past ``max_bytes``), split into parts of 15 MiB."""
+def archive(q: Path, out: Path, weights_for: set[str], max_bytes: int, log: list[str],
+            runs: list[Path] | None = None) -> list[Path]:
+    """runs.tar.gz of the queue's rows, logs and run folders (``runs``, default every one under
+    ``q``; newest weights of ``weights_for`` methods only, dropped largest first past
+    ``max_bytes``), split into parts of 15 MiB."""
     small = [p for p in sorted(q.rglob("*")) if p.is_file() and not p.name.endswith(".safetensors")]
     weights = []
-    for run in run_folders(q):
+    for run in run_folders(q) if runs is None else runs:
         try:
             method = json.loads((run / "config.json").read_text()).get("method")
         except (OSError, json.JSONDecodeError):
@@ -201,14 +203,15 @@ def collect(work: Path, out: Path, weights_for: set[str], max_bytes: int, env: d
         r = subprocess.run([*py, str(REPO / "benchmarks" / "digits.py"), "--from-json", *map(str, rows)],
                            capture_output=True, text=True, env=env)
         (out / "table.md").write_text(r.stdout + r.stderr)
-    logged = [run for run in run_folders(q)
+    runs = run_folders(q)
+    logged = [run for run in runs
               if '"kind": "eval"' in (run / "metrics.jsonl").read_text(errors="replace")]
     if logged:
         r = subprocess.run([*py, str(REPO / "benchmarks" / "curves.py"), *map(str, logged)],
                            capture_output=True, text=True, env=env)
         (out / "curves.md").write_text(r.stdout + r.stderr)
     done = {p.stem for p in rows}
-    for run in run_folders(q):
+    for run in runs:
         job = run.parent.name.removesuffix(".d")
         if job not in done:
             ckpt = (run / "checkpoints" / "latest")
@@ -216,7 +219,7 @@ def collect(work: Path, out: Path, weights_for: set[str], max_bytes: int, env: d
                        f"{ckpt.read_text().strip() if ckpt.is_file() else 'none'})")
     if (q / "queue.log").is_file():
         log += ["--- queue.log"] + (q / "queue.log").read_text().splitlines()
-    archive(q, out, weights_for, max_bytes, log)
+    archive(q, out, weights_for, max_bytes, log, runs)
 
 
 def main(argv: list[str] | None = None) -> int:
