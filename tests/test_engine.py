@@ -245,6 +245,24 @@ def test_precision_picks_the_forward_dtype():
         autocast_for(cpu, "fp16")
 
 
+def test_fp32_on_cuda_turns_tf32_off_and_the_other_precisions_allow_it():
+    """TF32 rounds float32 convs to a 10-bit mantissa: an fp32 run, there to tell a rounding
+    effect apart, must not get it. The flags are plain settings: no GPU needed to check them."""
+    from uda_cli.engine.runtime import configure_backends
+
+    mm, dnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = mm.allow_tf32, dnn.allow_tf32, dnn.benchmark
+    try:
+        for precision, tf32 in (("auto", True), ("fp32", False), ("bf16", True), ("fp32", False)):
+            configure_backends(torch.device("cuda"), precision)
+            assert mm.allow_tf32 is tf32 and dnn.allow_tf32 is tf32, precision
+        dnn.allow_tf32 = True
+        configure_backends(torch.device("cpu"), "fp32")  # the CPU has no TF32: left as it was
+        assert dnn.allow_tf32 is True
+    finally:
+        mm.allow_tf32, dnn.allow_tf32, dnn.benchmark = saved
+
+
 def test_bf16_training_on_the_cpu_runs_keeps_float32_weights_and_is_recorded(tmp_path):
     from safetensors.torch import load_file
 

@@ -16,7 +16,7 @@ from uda_cli.data.registry import get_domain, load_domain, parse_domain, resolve
 from uda_cli.engine import checkpoint as ckpt
 from uda_cli.engine import distributed
 from uda_cli.engine.metrics import evaluate_classifier
-from uda_cli.engine.runtime import autocast_for, resolve_precision
+from uda_cli.engine.runtime import autocast_for, configure_backends, resolve_precision
 from uda_cli.errors import ConfigError
 
 
@@ -45,6 +45,7 @@ def evaluate_checkpoint(opts: EvaluateOptions, loaded: dict | None = None) -> tu
     images, labels = cache[key]
     # As the run trained unless told otherwise (an fp32 run on a GPU is read in fp32, not bf16).
     precision = opts.precision or meta["options"].get("precision") or "auto"
+    configure_backends(device, precision)
     report = evaluate_classifier(method, images.to(device), labels.to(device), opts.batch_size,
                                  autocast_for(device, precision), dist)
     report = {"method": meta["method"], "checkpoint": str(weights), "step": meta["step"], "domain": f"{name}:{split}",

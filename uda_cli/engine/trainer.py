@@ -260,7 +260,7 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
     saved_precision = (resume_meta or {}).get("options", {}).get("precision")
     opts = opts.model_copy(update={"precision": opts.precision or saved_precision or "auto"})
     device = dist.device
-    configure_backends(device)
+    configure_backends(device, opts.precision)
     autocast = autocast_for(device, opts.precision)
     seed_everything(opts.seed)
 
