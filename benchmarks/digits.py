@@ -179,8 +179,13 @@ def run_one(method: str, pair: Pair, steps: int | None, seed: int, device: str, 
     cfg = method_config(method, params or {})
     total = steps or cfg.steps
     tgt = f"{pair.tgt}:train[:-{target_val}]" if target_val else pair.tgt
+    # A checkpoint at every evaluation (else at every tenth of the run), the trainer's last
+    # three kept: a run killed outright (OOM, a lease's hard end) keeps its last complete one
+    # for `uda evaluate`; SIGTERM saves the step it stopped at anyway. The cadence does not
+    # change the weights (session 18: bit for bit the same).
+    save_every = eval_every or max(total // 10, 1)
     opts = TrainOptions(method=method, src=pair.src, tgt=tgt, steps=steps, batch_size=batch_size, seed=seed,
-                        out=out, device=device, data_root=data_root, eval_every=eval_every, save_every=10**9,
+                        out=out, device=device, data_root=data_root, eval_every=eval_every, save_every=save_every,
                         log_every=max(total // 5, 50), params=params or {}, precision=precision)
     result = train(opts, interactive=False)
     if result.interrupted_by is not None:  # a signal stopped the run: its row would be a partial run

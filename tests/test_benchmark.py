@@ -84,6 +84,8 @@ def test_smoke_budget_runs_every_method(tmp_path, capsys):
     for line in rows:
         acc = float(line.strip("|").split("|")[acc_col].split(" ± ")[0])
         assert 0.0 <= acc <= 100.0
+    # Each run kept mid-run checkpoints (every tenth of its 3 steps: every step), not only its last.
+    assert len(list((tmp_path / "runs").glob("*/checkpoints/step-00000002.safetensors"))) == len(methods)
     # Every method's optimizers take torch's fused kernels on cpu, and each row says which ran.
     assert {r["optimizer_kernels"] for r in json.loads((tmp_path / "rows.json").read_text())} == {"fused"}
     rc = bench.main(["--from-json", str(tmp_path / "rows.json")])
