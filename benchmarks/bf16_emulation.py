@@ -24,7 +24,8 @@ the weighted layers (batch norm's output, ReLU, residual adds, tanh, added noise
 layer's input rounding catches most of that, a residual stream's repeated rounding it does not.
 Losses and softmax run in float32 under autocast too, so they match. The run's recorded
 precision stays "fp32"; a file BF16_EMULATION in its folder says it ran under this script
-(for `digits`, in --out's folder: the rows' JSON does not say it; name the job so it does).
+(for `digits`, in --out's folder, and each row its --json writes gets ``"emulation": "bf16"``,
+which digits.py's params column prints; curves.py keeps a marked run in a group of its own).
 Evaluation during and right after training runs under the emulation too, as a bf16 run's is
 in bf16; `uda evaluate` of the result, run without this script, reads it in true float32.
 """
@@ -32,6 +33,7 @@ in bf16; `uda evaluate` of the result, run without this script, reads it in true
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from pathlib import Path
 
@@ -83,6 +85,14 @@ MARK = ("trained under benchmarks/bf16_emulation.py: conv2d, conv_transpose2d an
         "to bf16 in and out, forward and backward, in float32 arithmetic\n")
 
 
+def _tag_rows(path: Path) -> None:
+    """Mark the rows digits.py wrote (all of them: it writes only this run's) as emulated."""
+    if not path.is_file():
+        return
+    rows = json.loads(path.read_text())
+    path.write_text(json.dumps([{**r, "emulation": "bf16"} for r in rows], indent=2))
+
+
 def _refuse(msg: str) -> int:
     print(f"bf16_emulation.py: {msg}", file=sys.stderr)
     return 2
@@ -116,7 +126,11 @@ def main(argv: list[str]) -> int:
             digits = importlib.util.module_from_spec(spec)
             sys.modules[spec.name] = digits  # its dataclasses look their module up there
             spec.loader.exec_module(digits)
-            return digits.main(args)
+            try:
+                return digits.main(args)
+            finally:  # a run cut off by a signal keeps its rows (digits.py writes them per run): mark them too
+                if "--json" in args and args[args.index("--json") + 1:]:
+                    _tag_rows(Path(args[args.index("--json") + 1]))
         except SystemExit as e:
             return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
 

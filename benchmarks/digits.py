@@ -223,9 +223,11 @@ def optimizer_kernels(run: Path) -> str:
 
 
 def _params_text(r: dict) -> str:
-    """The run's hyperparameters, and its --precision when one was given (so the table keeps
-    an fp32 run apart from one in the device's default precision)."""
-    given = {**r.get("params", {}), **({"precision": r["precision"]} if r.get("precision", "auto") != "auto" else {})}
+    """The run's hyperparameters, its --precision when one was given (so the table keeps an
+    fp32 run apart from one in the device's default precision), and ``emulation=bf16`` for a
+    row that benchmarks/bf16_emulation.py ran."""
+    given = {**r.get("params", {}), **({"precision": r["precision"]} if r.get("precision", "auto") != "auto" else {}),
+             **({"emulation": r["emulation"]} if r.get("emulation") else {})}
     return " ".join(f"{k}={v}" for k, v in sorted(given.items())) or "–"
 
 

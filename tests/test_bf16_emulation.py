@@ -76,4 +76,11 @@ def test_digits_runs_under_it_and_its_row_says_fp32(tmp_path, monkeypatch):
     assert rc == 0 and calls and (tmp_path / "runs" / "BF16_EMULATION").is_file()
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert len(rows) == 1 and rows[0]["precision"] == "fp32" and rows[0]["steps"] == 3
+    assert rows[0]["emulation"] == "bf16"
     assert F.linear is counting
+    # The table and the curves keep an emulated run apart from a float32 one.
+    digits, curves = load_bench("digits"), load_bench("curves")
+    assert "emulation=bf16" in digits._params_text(rows[0]) and "emulation" not in digits._params_text(
+        {k: v for k, v in rows[0].items() if k != "emulation"})
+    (run,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    assert "emulation=bf16" in curves.read_run(run)[0][2]
