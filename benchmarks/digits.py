@@ -100,15 +100,16 @@ BUDGETS: dict[str, dict[str, Budget | dict[str, Budget]]] = {
     "dann": {"smoke": SMOKE, "paper": Budget(), "cpu": {"svhn-mnist": Budget(1500), "*": Budget(3000)}},
     "i2i": {"smoke": SMOKE, "paper": Budget(), "cpu": Budget(1200, 64)},
     # G at 32 filters: the paper's 64 quarter the steps a CPU core makes in the same time.
-    # MNIST->USPS at the paper budget adds the content loss L_c at gamma 0.1: the paper gives
-    # no settings for that pair, and with the MNIST-M ones (gamma 0) G redraws the digits on
-    # some seeds and T learns G's code instead (every USPS image read as "1": 3 of 3 seeds on
-    # an H100 in session 19, seeds 0 and 3 of 0-3 on the CPU in session 20; gamma 0.1 kept
-    # both; the pixelda docstring). The cpu budget keeps gamma 0: in float32 at 32 filters
-    # (session 21, seeds 0 and 3) gamma 0 beat source-only on both seeds and gamma 0.1 on seed
-    # 0 only (on seed 3 G painted a second glyph round the digit L_c kept).
-    "pixelda": {"smoke": SMOKE, "paper": {"mnist-usps": Budget(params=(("gamma", 0.1),)), "*": Budget()},
-                "cpu": Budget(1200, 32, (("g_filters", 32),))},
+    # MNIST->USPS (cpu and paper budgets) raises G's task weight g_task_weight from the
+    # authors' MNIST-M 0.0101 to 0.1: the paper gives no settings for that pair, and with the
+    # MNIST-M ones G redraws the digits on some seeds and T learns the redrawn ones (every
+    # USPS image read as "1": 3 of 3 seeds on an H100 in bf16, seed 4 of four at the cpu
+    # budget in float32, seeds 3 and 0 there once bf16 was emulated). At 0.1 every run tried
+    # at the cpu budget held (seeds 0, 3, 4; the pixelda docstring). The content loss at gamma
+    # 0.1, the earlier choice, made seed 3 fall in float32 (session 21).
+    "pixelda": {"smoke": SMOKE, "paper": {"mnist-usps": Budget(params=(("g_task_weight", 0.1),)), "*": Budget()},
+                "cpu": {"mnist-usps": Budget(1200, 32, (("g_filters", 32), ("g_task_weight", 0.1))),
+                        "*": Budget(1200, 32, (("g_filters", 32),))}},
     # f pretrains first (cheap), then the adversarial phase (the slow part).
     "dtn": {"smoke": Budget(3, None, (("pretrain_steps", 1),)), "paper": Budget(),
             # SVHN->MNIST: 2,000 augmented pretraining steps make an f that G can be built on;

@@ -459,23 +459,25 @@ def test_eval_every_keeps_the_curve_in_the_row_without_changing_the_run(tmp_path
     refused(bench.main, [*common, "--eval-every", "-1"], "--eval-every -1: give a number of steps", capsys)
 
 
-def test_paper_budget_turns_pixeldas_content_loss_on_for_mnist_usps_only(tmp_path):
-    """The one pair-specific departure of the paper budget reaches the run and its row, and no
-    other budget or pair gets it."""
+def test_pixeldas_mnist_usps_budgets_raise_gs_task_weight_and_no_other_pair_does(tmp_path):
+    """The one pair-specific departure of the cpu and paper budgets reaches the run and its row,
+    and no other pair gets it (nor the content loss, the earlier choice)."""
     import json
 
     bench = load_bench()
-    assert dict(bench.budget_for("pixelda", "paper", "mnist-usps").params) == {"gamma": 0.1}
+    assert dict(bench.budget_for("pixelda", "paper", "mnist-usps").params) == {"g_task_weight": 0.1}
+    assert dict(bench.budget_for("pixelda", "cpu", "mnist-usps").params) == {"g_filters": 32, "g_task_weight": 0.1}
     assert bench.budget_for("pixelda", "paper", "mnist-mnistm").params == ()
-    assert "gamma" not in dict(bench.budget_for("pixelda", "cpu", "mnist-usps").params)
+    assert dict(bench.budget_for("pixelda", "cpu", "mnist-mnistm").params) == {"g_filters": 32}
     assert bench.main(["--methods", "pixelda", "--pairs", "mnist-usps", "--budget", "paper", "--device", "cpu",
                        "--steps", "2", "--batch-size", "4", "--data-root", str(tmp_path / "data"),
                        "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "rows.json")]) == 0
     row = json.loads((tmp_path / "rows.json").read_text())[0]
-    assert row["params"] == {"gamma": 0.1} and "gamma=0.1" in bench._params_text(row)
+    assert row["params"] == {"g_task_weight": 0.1} and "g_task_weight=0.1" in bench._params_text(row)
     run = tmp_path / "runs" / "pixelda_mnist-usps_paper_steps2_b4_s0"
-    assert json.loads((run / "config.json").read_text())["config"]["gamma"] == 0.1
-    assert any("g/content" in json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines())
+    cfg = json.loads((run / "config.json").read_text())["config"]
+    assert (cfg["g_task_weight"], cfg["gamma"]) == (0.1, 0.0)
+    assert not any("g/content" in json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines())
 
 
 def test_curves_keeps_bf16_runs_apart_from_float32_ones(tmp_path, capsys):

@@ -278,10 +278,10 @@ def test_example_config_validates_and_runs(tmp_path, path):
     assert ("g/content" in r.history[-1]) == (cfg.gamma > 0)
 
 
-def test_mnistm_example_is_the_default_and_usps_differs_only_by_the_content_loss():
+def test_mnistm_example_is_the_default_and_usps_differs_only_by_gs_task_weight():
     load = lambda name: tomllib.loads((EXAMPLES[0].parent / f"{name}.toml").read_text())["params"]  # noqa: E731
     d = PixelDA.Config()
     assert PixelDA.Config(**load("mnist_mnistm")) == d
     usps = PixelDA.Config(**load("mnist_usps"))
     changed = {k for k in PixelDA.Config.model_fields if getattr(usps, k) != getattr(d, k)}
-    assert changed == {"gamma"} and usps.gamma == 0.1 and usps.content_mask == "foreground"
+    assert changed == {"g_task_weight"} and usps.g_task_weight == 0.1 and usps.gamma == 0
