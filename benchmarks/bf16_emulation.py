@@ -24,8 +24,8 @@ the weighted layers (batch norm's output, ReLU, residual adds, tanh, added noise
 layer's input rounding catches most of that, a residual stream's repeated rounding it does not.
 Losses and softmax run in float32 under autocast too, so they match. The run's recorded
 precision stays "fp32"; a file BF16_EMULATION in its folder says it ran under this script
-(for `digits`, in --out's folder, and each row its --json writes gets ``"emulation": "bf16"``,
-which digits.py's params column prints; curves.py keeps a marked run in a group of its own).
+(for `digits`, in --out's folder; digits.py then writes ``"emulation": "bf16"`` into each row,
+which its params column prints, and curves.py keeps a marked run in a group of its own).
 Evaluation during and right after training runs under the emulation too, as a bf16 run's is
 in bf16; `uda evaluate` of the result, run without this script, reads it in true float32.
 """
@@ -33,7 +33,6 @@ in bf16; `uda evaluate` of the result, run without this script, reads it in true
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from pathlib import Path
 
@@ -85,12 +84,14 @@ MARK = ("trained under benchmarks/bf16_emulation.py: conv2d, conv_transpose2d an
         "to bf16 in and out, forward and backward, in float32 arithmetic\n")
 
 
-def _tag_rows(path: Path) -> None:
-    """Mark the rows digits.py wrote (all of them: it writes only this run's) as emulated."""
-    if not path.is_file():
-        return
-    rows = json.loads(path.read_text())
-    path.write_text(json.dumps([{**r, "emulation": "bf16"} for r in rows], indent=2))
+MARK_FILE = "BF16_EMULATION"
+
+
+def marked(run: Path) -> bool:
+    """Whether a run folder trained under this script: the marker is in the folder itself
+    (``train``: --out is the run) or in the one above it (``digits``: --out holds the runs).
+    digits.py's rows and curves.py's groups read it, so the marker is the one record."""
+    return any((d / MARK_FILE).is_file() for d in (run, run.parent))
 
 
 def _refuse(msg: str) -> int:
@@ -110,7 +111,7 @@ def main(argv: list[str]) -> int:
         return _refuse("pass --out DIR, so the run folder can be marked as emulated")
     out = Path(args[args.index("--out") + 1])
     out.mkdir(parents=True, exist_ok=True)
-    (out / "BF16_EMULATION").write_text(MARK)
+    (out / MARK_FILE).write_text(MARK)
     if "--precision" not in args:
         args = [*args, "--precision", "fp32"]
     with emulate_bf16():
@@ -126,11 +127,7 @@ def main(argv: list[str]) -> int:
             digits = importlib.util.module_from_spec(spec)
             sys.modules[spec.name] = digits  # its dataclasses look their module up there
             spec.loader.exec_module(digits)
-            try:
-                return digits.main(args)
-            finally:  # a run cut off by a signal keeps its rows (digits.py writes them per run): mark them too
-                if "--json" in args and args[args.index("--json") + 1:]:
-                    _tag_rows(Path(args[args.index("--json") + 1]))
+            return digits.main(args)
         except SystemExit as e:
             return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
 

@@ -44,9 +44,10 @@ def read_run(run: Path, domain: str | None = None, data_root: Path | None = None
         opts = cfg["options"]
         # A run whose forward ran in bf16 (--precision bf16, or auto on CUDA) is its own group:
         # the same seed and settings in float32 is another run.
-        # So is one trained under benchmarks/bf16_emulation.py (its marker in the run folder,
-        # or for digits.py's runs in the --out folder above it).
-        emulated = any((d / "BF16_EMULATION").is_file() for d in (run, run.parent))
+        # So is one trained under benchmarks/bf16_emulation.py.
+        from benchmarks.bf16_emulation import marked
+
+        emulated = marked(run)
         given = {**(opts.get("params") or {}), **({"precision": "bf16"} if bf16_run(cfg) else {}),
                  **({"emulation": "bf16"} if emulated else {})}
         key = (cfg["method"], f"{opts['src']}->{opts['tgt']}",

@@ -342,6 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     def record(r: dict, key: str) -> None:
         late = r.pop("late_signal", None)
         r.update(pair_key=key, budget=args.budget, device=dev)
+        if args.out is not None:
+            from benchmarks.bf16_emulation import marked  # its marker in --out: the run rounded as bf16
+
+            if marked(args.out):
+                r["emulation"] = "bf16"
         rows.append(r)
         val = f", held-out target val {100 * r['val_accuracy']:.2f}%" if "val_accuracy" in r else ""
         print(f"# {r['method']} {key} seed {r['seed']}: {100 * r['accuracy']:.2f}%{val} in {r['wall_s']:.0f} s "
