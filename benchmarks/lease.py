@@ -176,11 +176,20 @@ def archive(q: Path, out: Path, weights_for: set[str], max_bytes: int, log: list
                 tar.add(p, arcname=str(p.relative_to(q)))
         return buf.getvalue()
 
-    data = build(small + weights)
-    while len(data) > max_bytes and weights:
+    def drop_biggest() -> None:
         biggest = max(weights, key=lambda p: p.stat().st_size)
         weights.remove(biggest)
         log.append(f"weights left behind (archive past {max_bytes / 2**20:.3g} MiB): {biggest.relative_to(q)}")
+
+    # Float weights barely compress, so the small files' archive plus the weights' raw sizes
+    # tells which weights fit without re-gzipping everything per dropped file; the loop after it
+    # only settles the few bytes of tar headers and gzip overhead the estimate leaves out.
+    base = len(build(small))
+    while weights and base + sum(p.stat().st_size for p in weights) > max_bytes:
+        drop_biggest()
+    data = build(small + weights)
+    while len(data) > max_bytes and weights:
+        drop_biggest()
         data = build(small + weights)
     log.append(f"runs.tar.gz: {len(data) / 2**20:.1f} MiB, weights of {len(weights)} run(s)")
     if len(data) <= PART_BYTES:
