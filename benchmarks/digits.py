@@ -236,6 +236,31 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
 
 
+ROW_KEYS = ("method", "pair", "pair_key", "seed", "steps", "accuracy", "wall_s", "img_s")
+
+
+def load_rows(files: list[Path]) -> list[dict]:
+    """The rows of ``--json`` files, for ``--from-json``. A glob over ``benchmarks/results/`` also
+    meets files of other readers (a lease's checkpoint reads): their rows are skipped with a line
+    on stderr saying so; a file that is no JSON list, or no row at all, is a ValueError."""
+    rows = []
+    for f in files:
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"--from-json {f}: cannot read it as JSON ({e}); give files that digits.py --json wrote")
+        if not isinstance(data, list):
+            raise ValueError(f"--from-json {f}: a JSON {type(data).__name__}, not the list of rows digits.py --json writes")
+        ours = [r for r in data if isinstance(r, dict) and all(k in r for k in ROW_KEYS)]
+        if len(ours) < len(data):
+            print(f"--from-json {f}: skipped {len(data) - len(ours)} of its {len(data)} rows, not digits.py rows "
+                  f"(each needs {', '.join(ROW_KEYS)})", file=sys.stderr)
+        rows += ours
+    if not rows:
+        raise ValueError(f"--from-json: no digits.py rows in {', '.join(map(str, files))}")
+    return rows
+
+
 def fmt_table(rows: list[dict], budget: str, device: str) -> str:
     """One line per method x pair x budget x settings x optimizer kernels, mean ± std over its
     runs. The held-out column (``--target-val``) reads "mean ± std (N images)", or "–" for runs
@@ -303,7 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if args.from_json:
-        rows = [r for f in args.from_json for r in json.loads(f.read_text())]
+        try:
+            rows = load_rows(args.from_json)
+        except ValueError as e:
+            ap.error(str(e))
         print(fmt_table(sorted(rows, key=lambda r: (r["method"].split(" ")[-1], " " in r["method"],
                                                    list(PAIRS).index(r["pair_key"]), r["seed"])),
                         rows[0].get("budget", args.budget), rows[0].get("device", "?")))

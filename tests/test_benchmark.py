@@ -187,6 +187,31 @@ def test_table_counts_distinct_seeds_and_says_when_a_seed_ran_twice():
     assert "| 1 | 70.0 ± 0.0 |" in lines[1] and "| fused |" in lines[1]
 
 
+def test_from_json_skips_other_readers_rows_and_refuses_a_bad_file_in_one_line(tmp_path, capsys):
+    """README's `--from-json benchmarks/results/*.json` also meets a lease's checkpoint reads
+    (rows of another shape): they are skipped and said so, never a KeyError."""
+    import json
+
+    import pytest
+
+    bench = load_bench()
+    row = dict(method="dann", pair="MNIST→USPS", pair_key="mnist-usps", budget="cpu", steps=10, batch_size=8,
+               params={}, device="cpu", wall_s=1.0, img_s=1.0, seed=0, accuracy=0.5)
+    (tmp_path / "rows.json").write_text(json.dumps([row]))
+    (tmp_path / "reads.json").write_text(json.dumps([{"job": "a", "step": 5, "domain": "usps:test", "accuracy": 0.4}]))
+    assert bench.main(["--from-json", str(tmp_path / "rows.json"), str(tmp_path / "reads.json")]) == 0
+    out, err = capsys.readouterr()
+    assert "| 1 | 50.0 ± 0.0 |" in out and "reads.json: skipped 1 of its 1 rows, not digits.py rows" in err
+    (tmp_path / "bad.json").write_text("[{")
+    (tmp_path / "dict.json").write_text("{}")
+    for files, said in ((["bad.json"], "cannot read it as JSON"), (["dict.json"], "a JSON dict, not the list"),
+                        (["reads.json"], "no digits.py rows in")):
+        with pytest.raises(SystemExit) as e:
+            bench.main(["--from-json", *(str(tmp_path / f) for f in files)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and said in err.splitlines()[-1] and "Traceback" not in err
+
+
 def test_curves_groups_seeds_by_step_from_the_runs_own_logs(tmp_path, capsys, monkeypatch):
     """Two seeds of a tiny run, evaluated every 2 steps, and a resumed longer run: the table
     holds every logged evaluation, grouped by method x pair x settings, with the mean."""
