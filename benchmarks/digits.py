@@ -106,7 +106,8 @@ BUDGETS: dict[str, dict[str, Budget | dict[str, Budget]]] = {
     # USPS image read as "1": 3 of 3 seeds on an H100 in bf16, seed 4 of four at the cpu
     # budget in float32, seeds 3 and 0 there once bf16 was emulated). At 0.1 every run tried
     # at the cpu budget held (seeds 0, 3, 4; the pixelda docstring). The content loss at gamma
-    # 0.1, the earlier choice, made seed 3 fall in float32 (session 21).
+    # 0.1, the earlier choice, made seed 3 fall in float32 (session 21). MNIST->MNIST-M keeps
+    # the authors' 0.0101: 0.1 read lower there on every seed (session 26: 76.7 vs 81.8, seeds 0-2).
     "pixelda": {"smoke": SMOKE, "paper": {"mnist-usps": Budget(params=(("g_task_weight", 0.1),)), "*": Budget()},
                 "cpu": {"mnist-usps": Budget(1200, 32, (("g_filters", 32), ("g_task_weight", 0.1))),
                         "*": Budget(1200, 32, (("g_filters", 32),))}},
@@ -122,6 +123,8 @@ BUDGETS: dict[str, dict[str, Budget | dict[str, Budget]]] = {
             # 5,000 and 6,000 on every seed, not at 4,000 or 5,500; the dtn docstring has why.
             "cpu": {"svhn-mnist": Budget(4500, 32, (("pretrain_steps", 2000), ("pretrain_augment", True),
                                                     ("c_augment", True))),
+                    # MNIST->USPS, seed 0 (session 26): 2,100 steps read lower than 600 (69.4 vs
+                    # 72.8%; source-only at 2,100 75.5): a longer adversarial phase does not help here.
                     "*": Budget(600, 64, (("pretrain_steps", 300),))}},
 }
 DEFAULT_BUDGET = {"smoke": SMOKE, "cpu": {"svhn-mnist": Budget(600), "*": Budget(2000)}, "paper": Budget()}

@@ -124,9 +124,17 @@ length, is what to fix next (a C trained on the last G, or averaged over checkpo
 far below the paper's 84.4%: f learns SVHN from 1,083 images, the paper's f from 531k
 ("extra") images, and its schedule is longer. ``uda download svhn`` fetches the 73k training
 set where there is internet (not here); "extra" is not registered. MNIST->USPS (not the
-paper's pair; 600 steps at batch 64, seed 0): 73.3% vs 70.9%. MNIST->MNIST-M (not the
-paper's pair, colour g): 25.7% vs 54.2%; after 300 adversarial steps G's images are
-colour-blotched and many digits collapse to one class (``uda adapt-images`` preview).
+paper's pair; the cpu budget, 600 steps at batch 64 of which 300 pretrain f, seed 0, 1,000 USPS
+train images held out; session 26, results 2026-12-04_cpu_session26_pixelda_mnistm_task_weight_dtn.md):
+72.8% test / 74.5% held out against the same-budget source-only's 70.8 / 75.6, a tie, and 10
+points below f's own head (83.5%). ``dtn_probe.py``: C on G(x_t) reads 83.0%, a C trained
+afresh on the last G(x_s) 63.0%. Longer does not help here: at 2,100 steps C reads 69.4 / 72.2%
+against source-only's 75.5 / 77.7 (C wanders between 69 and 75% along the way, a fresh C on the
+last G reads 46.5%). MNIST->MNIST-M (not the paper's pair, colour g): 26.4% / 30.1% against
+54.1 / 56.4 (old code: 25.7 vs 54.2); f, pretrained on grey MNIST and then frozen, reads MNIST-M
+at 22.6% with its own head, and G = g o f cannot carry into pixels what f does not see: after
+300 adversarial steps G's images are colour-blotched and many digits collapse to one class
+(``uda adapt-images`` preview).
 
 Defaults: alpha = beta = 15 and B = 1, the paper's digit setting; gamma = 0: TV is the
 paper's smoothing for its faces, we could not confirm a TV weight for digits, and the
