@@ -124,17 +124,20 @@ length, is what to fix next (a C trained on the last G, or averaged over checkpo
 far below the paper's 84.4%: f learns SVHN from 1,083 images, the paper's f from 531k
 ("extra") images, and its schedule is longer. ``uda download svhn`` fetches the 73k training
 set where there is internet (not here); "extra" is not registered. MNIST->USPS (not the
-paper's pair; the cpu budget, 600 steps at batch 64 of which 300 pretrain f, seed 0, 1,000 USPS
-train images held out; session 26, results 2026-12-04_cpu_session26_pixelda_mnistm_task_weight_dtn.md):
-72.8% test / 74.5% held out against the same-budget source-only's 70.8 / 75.6, a tie, and 10
-points below f's own head (83.5%). ``dtn_probe.py``: C on G(x_t) reads 83.0%, a C trained
-afresh on the last G(x_s) 63.0%. Longer does not help here: at 2,100 steps C reads 69.4 / 72.2%
-against source-only's 75.5 / 77.7 (C wanders between 69 and 75% along the way, a fresh C on the
-last G reads 46.5%). MNIST->MNIST-M (not the paper's pair, colour g): 26.4% / 30.1% against
-54.1 / 56.4 (old code: 25.7 vs 54.2); f, pretrained on grey MNIST and then frozen, reads MNIST-M
-at 22.6% with its own head, and G = g o f cannot carry into pixels what f does not see: after
-300 adversarial steps G's images are colour-blotched and many digits collapse to one class
-(``uda adapt-images`` preview).
+paper's pair; the cpu budget, 600 steps at batch 64 of which 300 pretrain f, seeds 0-2, 1,000
+USPS train images held out; session 26, results
+2026-12-04_cpu_session26_pixelda_mnistm_task_weight_dtn.md): 66.3 +- 7.3% test / 69.4 +- 4.9%
+held out, **below** the same-budget source-only's 71.4 +- 1.5 / 75.3 +- 1.7 (ahead on seed 0
+only), and below f's own head (75.6-83.5%). The translator is not what fails: G keeps 99.7% of
+the labels by a USPS oracle (``translation_probe.py``, seed 0). C does: it reads its 2,000
+translated training images at 100% and real USPS at 72.8%, while C on G(x_t) reads 83.0%
+(``dtn_probe.py``); ``c_augment`` changes nothing (66.6 +- 5.8%). Longer does not help here (seed 0 at 2,100 steps: 69.4 / 72.2% against
+source-only's 75.5 / 77.7; G then keeps 82% of labels). MNIST->MNIST-M (not the paper's pair,
+colour g; seeds 0-2): 22.9 +- 3.8% / 24.5 +- 5.5% against 55.1 +- 1.5 / 56.8 +- 0.4 (old code:
+25.7 vs 54.2); f, pretrained on grey MNIST and then frozen, reads MNIST-M at 18-23% with its
+own head, and G, which cannot carry into pixels what f does not see, keeps 46% of labels: its
+images are colour-blotched and many digits collapse to one class (``uda adapt-images``
+preview).
 
 Defaults: alpha = beta = 15 and B = 1, the paper's digit setting; gamma = 0: TV is the
 paper's smoothing for its faces, we could not confirm a TV weight for digits, and the
