@@ -163,7 +163,10 @@ def device_name(device: str) -> str:
     dev = resolve_device(device)
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    # torch's CPU capability (AVX2, AVX512, ...): kernels differ by it, so a seed's run on one
+    # host kind is not bit for bit its run on another (sessions 21-26 ran on three kinds).
+    return (f"cpu ({platform.processor() or platform.machine()} {torch.backends.cpu.get_cpu_capability()}, "
+            f"{torch.get_num_threads()} threads)")
 
 
 def run_one(method: str, pair: Pair, steps: int | None, seed: int, device: str, data_root: Path, out: Path,
