@@ -160,6 +160,17 @@ def test_colour_source_grey_target_the_papers_setting(tmp_path):
     assert meta["spec"]["channels"] == 3 and m.nets["g"].net[-2].out_channels == 1
 
 
+def test_grayscale_runs_a_colour_target_in_one_channel(tmp_path):
+    assert DTN.input_channels(DTN.Config(grayscale=True), 1, 3) == 1  # MNIST -> MNIST-M in grey
+    assert DTN.input_channels(DTN.Config(grayscale=True), 3, 1) == 1  # SVHN -> MNIST in grey
+    r = train(opts(tmp_path, tgt="tiny-rgb", steps=3, params={"pretrain_steps": 1, "grayscale": True}),
+              interactive=False)
+    assert all(math.isfinite(v) for rec in r.history for v in rec.values())
+    _check_round_trip(tmp_path / "run", r)
+    m, meta = load_method(ckpt.resolve_checkpoint(tmp_path / "run"), torch.device("cpu"))
+    assert meta["spec"]["channels"] == 1 and m.nets["D"](torch.zeros(2, 1, 32, 32)).shape == (2, 3)
+
+
 def test_d_every_updates_d_on_every_nth_adversarial_step_only(tmp_path):
     """pretrain 2, d_every 2: D learns at steps 2 and 4 (adversarial steps 0 and 2), not at 3 and 5."""
     train(opts(tmp_path, steps=6, save_every=1, keep_checkpoints=10, params={"d_every": 2}), interactive=False)

@@ -228,6 +228,8 @@ class DTN(Method):
         d_batches: Literal["mixed", "separate"] = Field(
             "separate", description="D's batch norm sees the three classes in one batch, or each class in its own")
         grey_output: bool = Field(True, description="g decodes one grey channel (the paper's MNIST target)")
+        grayscale: bool = Field(
+            False, description="run in grey even when a domain is colour (f, g, D and C see one channel; see the docstring)")
         classifier: Literal["auto", "lenet", "svhn"] = Field(
             "auto", description="C, trained on G(x_s): auto is LeNet on grey G(x_s), else as source-only"
         )
@@ -240,6 +242,8 @@ class DTN(Method):
 
     @classmethod
     def input_channels(cls, config, src_channels, tgt_channels):
+        if config.grayscale:
+            return 1
         if config.grey_output and tgt_channels == 3:
             raise ConfigError("dtn: the target domain is colour but g outputs grey images; add --set grey_output=false")
         return max(src_channels, tgt_channels)
