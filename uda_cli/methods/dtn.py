@@ -63,6 +63,10 @@ the paper's D follows); "mixed" runs one batch of the three. Measured on SVHN->M
 pretrained f, batch 32): 32.4 / 37.4% (mixed) vs 31.8 / 39.8% (separate) after 200 / 300
 adversarial steps, a tie; separate is the cheaper, as g's pass then needs no D(x_t).
 
+``grayscale`` (default off): every network sees one channel, a colour domain loaded as luma
+(I2I's option of the same name; the paper is silent on colour for DTN's digits). Off, a colour
+domain keeps colour and a grey one is repeated to three channels.
+
 ``pretrain_augment`` (default off, as the paper): random translation and rotation of the
 source while f pretrains. The paper pretrains f on SVHN's 531k "extra" images; on a small
 source (the 1,083-image SVHN subset in ``../shared/data``) f overfits and generalises badly:
@@ -135,7 +139,9 @@ translated training images at 100% and real USPS at 72.8%, while C on G(x_t) rea
 source-only's 75.5 / 77.7; G then keeps 82% of labels). MNIST->MNIST-M (not the paper's pair,
 colour g; seeds 0-2): 22.9 +- 3.8% / 24.5 +- 5.5% against 55.1 +- 1.5 / 56.8 +- 0.4 (old code:
 25.7 vs 54.2); f, pretrained on grey MNIST and then frozen, reads MNIST-M at 18-23% with its
-own head, and G, which cannot carry into pixels what f does not see, keeps 46% of labels: its
+own head (in grey too: ``grayscale=true`` gives 21.7 / 23.9% for f's head and 17.6 / 25.7% for
+DTN, seeds 0-1: MNIST-M's textured backgrounds, not its colour, defeat an f pretrained on black
+ones), and G, which cannot carry into pixels what f does not see, keeps 46% of labels: its
 images are colour-blotched and many digits collapse to one class (``uda adapt-images``
 preview).
 
