@@ -141,7 +141,11 @@ class Method:
     # ---- what a method implements ------------------------------------------------------
     @classmethod
     def input_channels(cls, config: MethodConfig, src_channels: int, tgt_channels: int) -> int:
-        """Channels a run uses: colour if either domain is colour (grey is repeated)."""
+        """Channels a run uses: colour if either domain is colour (grey is repeated), or one
+        channel when the method's config has ``grayscale`` set (i2i, dtn: a colour domain is
+        then loaded as luma)."""
+        if getattr(config, "grayscale", False):
+            return 1
         return max(src_channels, tgt_channels)
 
     def build(self) -> dict[str, "nn.Module"]:

@@ -248,11 +248,10 @@ class DTN(Method):
 
     @classmethod
     def input_channels(cls, config, src_channels, tgt_channels):
-        if config.grayscale:
-            return 1
-        if config.grey_output and tgt_channels == 3:
-            raise ConfigError("dtn: the target domain is colour but g outputs grey images; add --set grey_output=false")
-        return max(src_channels, tgt_channels)
+        if config.grey_output and tgt_channels == 3 and not config.grayscale:
+            raise ConfigError("dtn: the target domain is colour but g outputs grey images; add --set grey_output=false "
+                              "(colour networks) or --set grayscale=true (every network grey)")
+        return super().input_channels(config, src_channels, tgt_channels)
 
     def build(self):
         if tuple(self.spec.image_size) != (32, 32):

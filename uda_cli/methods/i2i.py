@@ -209,12 +209,6 @@ class I2I(Method):
 
     translates_images = True
 
-    @classmethod
-    def input_channels(cls, config, src_channels, tgt_channels):
-        if config.grayscale:
-            return 1
-        return super().input_channels(config, src_channels, tgt_channels)
-
     # ---- networks ---------------------------------------------------------------------------
     def build(self):
         if tuple(self.spec.image_size) != (32, 32):
