@@ -529,3 +529,33 @@ def test_curves_keeps_bf16_runs_apart_from_float32_ones(tmp_path, capsys):
     assert curves.main([str(r) for r in (*runs, tmp_path / "gpu")]) == 0
     rows = [[c.strip() for c in l.strip("|").split("|")] for l in capsys.readouterr().out.splitlines()[2:]]
     assert sorted((r[2], r[5]) for r in rows) == [("precision=bf16", "1,2"), ("–", "0")]
+
+
+def test_study_pairs_run_only_when_named_and_every_pairs_domains_resolve(tmp_path, monkeypatch):
+    """The default pair list is the papers' pairs (PAPER quotes a number for each, and for no
+    other); the study pairs (MNIST-M as a source, whole and cut to SVHN's 1,083) are run only
+    when --pairs names them. Every pair's source, target and test domain resolves, so a sliced
+    source such as mnistm:train[:1083] is read as a part of a split; and prepare_data_root links
+    what a pair needs by the domain's name, whatever split part follows it."""
+    from uda_cli.data.registry import get_domain, parse_domain, resolve_split
+
+    bench = load_bench()
+    assert set(bench.PAPER_PAIRS) <= set(bench.PAIRS)
+    assert {k for per_pair in bench.PAPER.values() for k in per_pair} == set(bench.PAPER_PAIRS)
+    assert {"mnistm-mnist", "mnistm1083-mnist"} <= set(bench.PAIRS) - set(bench.PAPER_PAIRS)
+    assert bench.PAIRS["mnistm1083-mnist"].src == "mnistm:train[:1083]"
+    for pair in bench.PAIRS.values():
+        for text, default in ((pair.src, "train"), (pair.tgt, "train"), (pair.eval, "test")):
+            name, split = parse_domain(text)
+            assert resolve_split(get_domain(name), split, default)
+    shared = tmp_path / "shared"
+    for name in ("mnist", "usps"):
+        (shared / name).mkdir(parents=True)
+    bench.prepare_data_root(shared, tmp_path / "root", ["usps-mnist", "mnist-usps"])
+    assert sorted(p.name for p in (tmp_path / "root").iterdir()) == ["mnist"]  # usps1800/mnist2000 ship embedded
+    import uda_cli.data.download as download
+
+    fetched = []
+    monkeypatch.setattr(download, "download", lambda name, root, mirrors: fetched.append(name))
+    bench.prepare_data_root(shared, tmp_path / "root", ["mnistm1083-mnist"])  # MNIST-M installed for its slice
+    assert fetched == ["mnistm"]
