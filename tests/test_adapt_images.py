@@ -108,7 +108,7 @@ def test_interrupted_export_finishes_to_the_same_images(runs, tmp_path, capsys, 
     whole = files(tmp_path / "whole")
     assert set(whole) == {f"{i % 10}/{i}_{k}.png" for i in range(20) for k in range(2)}
 
-    real, count = adapt._write_atomic, [0]
+    real, count = adapt._write_png, [0]
 
     def dies_after_13(path, data):
         if count[0] == 13:
@@ -117,13 +117,13 @@ def test_interrupted_export_finishes_to_the_same_images(runs, tmp_path, capsys, 
         real(path, data)
 
     part = tmp_path / "part"
-    monkeypatch.setattr(adapt, "_write_atomic", dies_after_13)
+    monkeypatch.setattr(adapt, "_write_png", dies_after_13)
     code, _, err = run(argv(part), capsys)
     errors = [line for line in err.splitlines() if line.startswith("error:")]  # the rest is progress
     assert code == 130 and len(errors) == 1 and "run the same command again" in errors[0]
     assert len(files(part)) == 13
     assert json.loads((part / "manifest.json").read_text())["complete"] is False
-    monkeypatch.setattr(adapt, "_write_atomic", real)
+    monkeypatch.setattr(adapt, "_write_png", real)
 
     (part / "0" / ".0_0.png.tmp-999").write_bytes(b"half")  # left by a killed writer
     (part / "1" / "1_0.png").write_bytes(b"")  # emptied by a power cut: counts as missing

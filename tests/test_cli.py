@@ -148,3 +148,57 @@ def test_existing_run_needs_resume(tmp_path, capsys):
     assert code == 2 and "--resume auto" in err
     code, out, err = run(args + ["--resume", "auto", "--steps", "4"], capsys)
     assert code == 0, err
+
+
+def test_an_output_that_cannot_be_written_is_one_line_before_the_work(tmp_path, capsys):
+    """A file where a folder must go (or the other way round) is named in one line, exit != 0,
+    before any training, embedding or evaluation runs."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    train = ["train", "--method", "source-only", "--src", "tiny-src", "--tgt", "tiny-tgt", "--steps", "2",
+             "--batch-size", "4", "--device", "cpu", "--out"]
+    for out, why in ((afile, "a file of that name is in the way"), (afile / "sub", "Not a directory")):
+        code, _, err = run(train + [str(out)], capsys)
+        assert code == 1 and err.strip().splitlines() == [
+            f"error: could not create the run folder {out}: {why}; pass --out a folder you can write to"]
+    assert afile.read_text() == "x"
+    assert run(train + [str(tmp_path / "r")], capsys)[0] == 0
+    code, _, err = run(["evaluate", str(tmp_path / "r"), "--json", str(tmp_path)], capsys)
+    assert code == 2 and "is a folder; pass a file path" in err and len(err.strip().splitlines()) == 1
+    code, out, err = run(["evaluate", str(tmp_path / "r"), "--json", str(afile / "r.json")], capsys)
+    assert code == 1 and "could not create the --json folder" in err and len(err.strip().splitlines()) == 1
+    assert "accuracy" not in out  # failed before evaluating
+    code, _, err = run(["tsne", str(tmp_path / "r"), "--out", str(afile / "map")], capsys)
+    assert code == 1 and "could not create the map's folder" in err and "t-SNE" not in err
+
+
+def test_a_write_that_fails_mid_run_keeps_the_last_checkpoint_and_resumes(tmp_path, capsys, monkeypatch):
+    """A full disk at the second checkpoint: one line naming the file, the step and the checkpoint
+    to resume from; that checkpoint is whole, no temporary file is left, --resume auto finishes."""
+    import errno
+
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if os.path.basename(dst).startswith("step-00000010"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    run_dir = tmp_path / "r"
+    args = ["train", "--method", "source-only", "--src", "tiny-src", "--tgt", "tiny-tgt", "--steps", "12",
+            "--batch-size", "4", "--device", "cpu", "--save-every", "5", "--out", str(run_dir)]
+    code, _, err = run(args, capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1, err
+    state = run_dir / "checkpoints" / "step-00000010.state.safetensors"
+    assert lines[0] == (f"error: could not write {state}: No space left on device; check that the folder is "
+                        "writable and has space (at step 10; the last complete checkpoint is step-00000005; "
+                        "continue with --resume auto once that is fixed)")
+    ckdir = run_dir / "checkpoints"
+    assert (ckdir / "latest").read_text().strip() == "step-00000005"
+    assert not [p for p in ckdir.iterdir() if ".tmp-" in p.name or p.name.startswith("step-00000010")]
+    monkeypatch.setattr(os, "replace", real_replace)
+    code, _, err = run(args + ["--resume", "auto"], capsys)
+    assert code == 0, err
+    assert (ckdir / "latest").read_text().strip() == "step-00000012"

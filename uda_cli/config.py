@@ -49,6 +49,12 @@ def _check_domain(v: str) -> str:
     return v
 
 
+def _existing_target(v: Path) -> Path:
+    if not v.exists():
+        raise ValueError(f"{v} does not exist; pass a run folder (runs/NAME) or a .safetensors checkpoint")
+    return v
+
+
 class TrainOptions(Options):
     method: str = Field(description="method name, e.g. source-only, dann")
     src: str = Field(description="labelled source domain, e.g. mnist2000 or mnist:train")
@@ -118,11 +124,13 @@ class EvaluateOptions(Options):
     def _domain(cls, v: str | None) -> str | None:
         return None if v is None else _check_domain(v)
 
-    @field_validator("target")
+    _target = field_validator("target")(_existing_target)
+
+    @field_validator("json_path")
     @classmethod
-    def _exists(cls, v: Path) -> Path:
-        if not v.exists():
-            raise ValueError(f"{v} does not exist; pass a run folder (runs/NAME) or a .safetensors checkpoint")
+    def _json_file(cls, v: Path | None) -> Path | None:
+        if v is not None and v.is_dir():
+            raise ValueError(f"{v} is a folder; pass a file path, e.g. {v / 'report.json'}")
         return v
 
 
@@ -177,12 +185,6 @@ class DownloadOptions(Options):
         if v and (info.data.get("list_only") or info.data.get("verify")):
             raise ValueError("--list and --verify fetch nothing; drop --force")
         return v
-
-
-def _existing_target(v: Path) -> Path:
-    if not v.exists():
-        raise ValueError(f"{v} does not exist; pass a run folder (runs/NAME) or a .safetensors checkpoint")
-    return v
 
 
 class AdaptImagesOptions(Options):

@@ -8,6 +8,9 @@ single line (what went wrong and what to do next) and the process exits with
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from pathlib import Path
+
 
 class UDAError(Exception):
     """A problem the user can fix; the message is one line that says how."""
@@ -31,6 +34,25 @@ class DownloadError(DataError):
 
 class CheckpointError(UDAError):
     """A checkpoint is missing, truncated, or was not written by uda."""
+
+
+class OutputError(UDAError):
+    """A file or folder of ours could not be written: no space, no permission, a file in the way."""
+
+
+@contextmanager
+def os_errors(action: str, path: Path | str, advice: str, cls: type[UDAError] = OutputError):
+    """Turn an OSError on the user's own files into one line of ``cls``:
+    ``could not ACTION PATH: why; ADVICE`` (the file the system names, where it is another)."""
+    try:
+        yield
+    except OSError as e:
+        why = e.strerror or str(e)
+        if isinstance(e, FileExistsError):  # mkdir(exist_ok=True) over a file
+            why = "a file of that name is in the way"
+        elif e.filename is not None and str(e.filename) != str(path):
+            why = f"{e.filename}: {why}"
+        raise cls(f"could not {action} {path}: {why}; {advice}") from None
 
 
 class NotBuiltError(UDAError):

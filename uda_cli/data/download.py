@@ -49,12 +49,11 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
-from uda_cli.errors import ConfigError, DataError, DownloadError
+from uda_cli.errors import ConfigError, DataError, DownloadError, os_errors
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -1120,16 +1119,10 @@ def _fetch_once(
     return total is None or part.stat().st_size >= total
 
 
-@contextmanager
 def _local(path: Path, action: str):
-    """Turn an OSError on our own files into a DownloadError, which no URL fallback catches."""
-    try:
-        yield
-    except OSError as e:
-        raise DownloadError(
-            f"could not {action} {path}: {e.strerror or e}; check that the data root is writable "
-            "and has space, or pass another --data-root"
-        ) from None
+    """An OSError on our own files as a DownloadError, which no URL fallback catches."""
+    return os_errors(action, path, "check that the data root is writable and has space, or pass another --data-root",
+                     DownloadError)
 
 
 def _parse_content_range(value: str | None) -> tuple[int, int | None]:

@@ -106,7 +106,7 @@ class ClassificationLayout(Layout):
 
     def prepare(self) -> None:
         for c in self.classes:
-            (self.root / c).mkdir(parents=True, exist_ok=True)
+            ckpt.make_folder(self.root / c, "the export folder", "pass --out a folder you can write to")
 
     def existing(self) -> set[str]:
         """Finished files (non-empty); temporary files of an interrupted call are deleted."""
@@ -223,11 +223,9 @@ def _check_out(out: Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
 
 # ---- writing -----------------------------------------------------------------------------------
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)  # atomic: readers see the whole PNG or none (no fsync: see the module doc)
+def _write_png(path: Path, data: bytes) -> None:
+    """Atomic (readers see the whole PNG or none), without fsync: see the module doc."""
+    ckpt.atomic_write_bytes(path, data, durable=False)
 
 
 def _nhwc(x: torch.Tensor) -> np.ndarray:
@@ -342,7 +340,7 @@ def adapt_images(opts: AdaptImagesOptions, interactive: bool | None = None) -> E
                 noise = draw(idx, k).to(device) if draw is not None else None
                 y = _nhwc(denormalize(method.translate(x, noise).float()).cpu())
                 for i, _k in keys:
-                    _write_atomic(out / todo[(i, _k)], png_bytes(y[i - start]))
+                    _write_png(out / todo[(i, _k)], png_bytes(y[i - start]))
                 written += len(keys)
                 progress.advance(len(keys))
 

@@ -21,6 +21,7 @@ run killed at any moment keeps its last complete checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -36,7 +37,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from uda_cli import __version__
-from uda_cli.errors import CheckpointError
+from uda_cli.errors import CheckpointError, os_errors
 
 FORMAT = "uda-checkpoint/1"
 _STEP_RE = re.compile(r"^step-(\d{8})\.safetensors$")
@@ -44,15 +45,38 @@ _STEP_RE = re.compile(r"^step-(\d{8})\.safetensors$")
 
 # ---- atomic file writes -----------------------------------------------------------------
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+WRITE_ADVICE = "check that the folder is writable and has space"
+
+
+def make_folder(path: Path, what: str = "the folder", advice: str = WRITE_ADVICE) -> Path:
+    """``mkdir -p`` whose failure (a file in the way, no permission, no space) is one line of
+    OutputError: ``could not create WHAT PATH: why; ADVICE``."""
+    with os_errors(f"create {what}", path, advice):
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write ``path`` whole or not at all (a temporary file, then a rename): readers see the
+    old file or the new one. ``durable`` also fsyncs the file and its folder, so that a power
+    cut keeps it (checkpoints); an export of many small files skips that. A failure (a full
+    disk, say) leaves the file as it was, removes the temporary one and is one OutputError line."""
+    make_folder(path.parent)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    with os_errors("write", path, WRITE_ADVICE):
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
+    if durable:
+        _fsync_dir(path.parent)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -26,6 +26,8 @@ def evaluate_checkpoint(opts: EvaluateOptions, loaded: dict | None = None) -> tu
     from uda_cli.engine.trainer import load_method, run_data_root, write_eval
 
     weights = ckpt.resolve_checkpoint(opts.target)
+    if opts.json_path:  # a bad --json fails before the work, not after it
+        ckpt.make_folder(opts.json_path.parent, "the --json folder", "pass --json a path you can write to")
     dist = distributed.setup(opts.device)
     device = dist.device
     method, meta = load_method(weights, device)

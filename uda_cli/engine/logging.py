@@ -24,6 +24,10 @@ from typing import Any
 
 from rich.console import Console
 
+from uda_cli.errors import os_errors
+
+_ADVICE = "check that the run folder is writable and has space"
+
 
 def stderr_console() -> Console:
     return Console(stderr=True, soft_wrap=True)
@@ -44,7 +48,8 @@ def truncate_metrics(path: Path, max_step: int) -> None:
     if not path.is_file():
         return
     kept = [json.dumps(r) for r in read_metrics(path) if int(r.get("step", 0)) <= max_step]
-    path.write_text("".join(k + "\n" for k in kept))
+    with os_errors("write", path, _ADVICE):
+        path.write_text("".join(k + "\n" for k in kept))
 
 
 LOG_FORMATS = ("auto", "text", "json")
@@ -68,9 +73,10 @@ class RunLogger:
         self._task = None
         self._file = None
         if enabled:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            truncate_metrics(self.path, start_step)
-            self._file = open(self.path, "a", buffering=1)
+            with os_errors("write", self.path, _ADVICE):
+                run_dir.mkdir(parents=True, exist_ok=True)
+                truncate_metrics(self.path, start_step)
+                self._file = open(self.path, "a", buffering=1)
 
     def __enter__(self) -> "RunLogger":
         if self.enabled and self.interactive:
@@ -93,7 +99,8 @@ class RunLogger:
 
     def write(self, record: dict[str, Any]) -> None:
         if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
+            with os_errors("write", self.path, _ADVICE):
+                self._file.write(json.dumps(record) + "\n")
 
     def advance(self, step: int) -> None:
         if self._progress is not None:

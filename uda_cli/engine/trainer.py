@@ -34,6 +34,7 @@ import signal
 import threading
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -49,7 +50,7 @@ from uda_cli.engine import distributed
 from uda_cli.engine.logging import RunLogger
 from uda_cli.engine.metrics import evaluate_classifier
 from uda_cli.engine.runtime import autocast_for, configure_backends, seed_everything
-from uda_cli.errors import CheckpointError, ConfigError, UDAError
+from uda_cli.errors import CheckpointError, ConfigError, OutputError, UDAError
 from uda_cli.methods.base import Method, MethodConfig, OptimSpec, RoundContext, RunSpec
 from uda_cli.methods.registry import get_method
 
@@ -255,6 +256,8 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
     resume_meta = ckpt.read_metadata(resume_from) if resume_from else None
     if resume_meta:
         _check_resume_compatible(resume_meta, opts, cfg, batch_size, resume_from, world)
+    if dist.is_main:  # before any data is read or network built: a bad --out fails at once
+        ckpt.make_folder(run_dir, "the run folder", "pass --out a folder you can write to")
 
     # A resumed run keeps the precision it trained in unless told otherwise (it is recorded below).
     saved_precision = (resume_meta or {}).get("options", {}).get("precision")
@@ -340,9 +343,8 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
         "tgt_eval": f"{tgt_spec.name}:{tgt_eval_split}",
     }
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps({**meta, "uda_version": __version__, "device": str(device)},
-                                                        indent=2) + "\n")
+        ckpt.atomic_write_bytes(run_dir / "config.json", (json.dumps(
+            {**meta, "uda_version": __version__, "device": str(device)}, indent=2) + "\n").encode())
 
     def save(step: int) -> Path:
         # Every rank takes part (its RNG state is gathered); rank 0 alone writes.
@@ -369,8 +371,9 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
     result = RunResult(run_dir=run_dir, step=start, checkpoint=resume_from, rank=dist.rank, world_size=world)
     imgs_per_step = 2 * global_batch
     vote = dist.stop_vote()
-    with RunLogger(run_dir, total, start, interactive=interactive, enabled=dist.is_main,
-                   fmt=opts.log_format) as logger, StopFlag() as stop, warnings.catch_warnings():
+    with _keeps_checkpoint(ckpt_dir, result), \
+            RunLogger(run_dir, total, start, interactive=interactive, enabled=dist.is_main,
+                      fmt=opts.log_format) as logger, StopFlag() as stop, warnings.catch_warnings():
         # The lr is a function of the global step, also for a group that did not step (e.g.
         # DTN's frozen f during pretraining): torch's "scheduler before optimizer" warning does
         # not apply. Filtered once for the loop, not per step.
@@ -417,9 +420,8 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
                     values = dict(zip(sums, means.tolist()))
                 bad = [k for k, v in values.items() if not math.isfinite(v)]
                 if bad:
-                    last = ckpt_dir / "latest"
-                    where = f"the last complete checkpoint is {last.read_text().strip()}" if last.exists() else "no checkpoint was written"
-                    raise UDAError(f"loss {bad[0]} is not finite at step {step} ({where}); lower the learning rate, e.g. --set lr=...")
+                    raise UDAError(f"loss {bad[0]} is not finite at step {step} ({_checkpoint_note(ckpt_dir)}); "
+                                   "lower the learning rate, e.g. --set lr=...")
                 for g, o in optims.items():
                     values[f"lr/{g}"] = o.param_groups[0]["lr"]
                 now = time.perf_counter()
@@ -462,6 +464,22 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
     return result
 
 
+def _checkpoint_note(ckpt_dir: Path) -> str:
+    last = ckpt_dir / "latest"
+    return f"the last complete checkpoint is {last.read_text().strip()}" if last.exists() else "no checkpoint was written"
+
+
+@contextmanager
+def _keeps_checkpoint(ckpt_dir: Path, result: RunResult):
+    """A write that fails mid-run (a full disk, a folder gone) says at which step, and what the
+    run folder still holds to resume from; the checkpoint writes are atomic, so that one is whole."""
+    try:
+        yield
+    except OutputError as e:
+        raise OutputError(f"{e} (at step {result.step}; {_checkpoint_note(ckpt_dir)}; continue with --resume auto "
+                          "once that is fixed)") from None
+
+
 def _restore_rng(state: dict[str, Any], dist: "distributed.Dist", seed: int, step: int) -> str | None:
     """Put back this rank's RNG state; a note when that cannot be exact (another number of ranks)."""
     by_rank = state.get("rng_ranks") or []
@@ -480,7 +498,6 @@ def _restore_rng(state: dict[str, Any], dist: "distributed.Dist", seed: int, ste
 
 
 def write_eval(folder: Path, domain: str, step: int, report: dict[str, Any], checkpoint: Path | None) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{flat_name(domain)}_step{step:08d}.json"  # the payload has the domain itself
     payload = {"domain": domain, "step": step, "checkpoint": str(checkpoint) if checkpoint else None, **report}
     ckpt.atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())

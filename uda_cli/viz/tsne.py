@@ -269,6 +269,7 @@ def run_tsne(opts: TsneOptions, interactive: bool | None = None) -> TsneResult:
         out = weights.parent.parent / "tsne"
     else:
         raise ConfigError(f"{weights} is not in a run folder; pass --out DIR for the map")
+    ckpt.make_folder(out, "the map's folder", "pass --out a folder you can write to")  # before the minutes of work
     src_text = opts.src or parse_domain(meta.get("src") or meta["options"]["src"])[0]
     tgt_text = opts.tgt or meta.get("tgt_eval") or parse_domain(meta["options"]["tgt"])[0]
     (src, src_split), (tgt, tgt_split) = _resolve(src_text, run), _resolve(tgt_text, run)
@@ -296,7 +297,6 @@ def run_tsne(opts: TsneOptions, interactive: bool | None = None) -> TsneResult:
 
     title = (f"{meta['method']} step {meta['step']}: {names[0]} vs {names[1]}, "
              f"proxy A-distance {pad['proxy_a_distance']:.3f}")
-    out.mkdir(parents=True, exist_ok=True)
     png, csv_path, json_path = out / "tsne.png", out / "tsne.csv", out / "tsne.json"
     ckpt.atomic_write_bytes(png, plot(xy, domain, labels, names, run.classes, title))
     ckpt.atomic_write_bytes(csv_path, csv_text(xy, domain, labels, indices, names, run.classes).encode())
