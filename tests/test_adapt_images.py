@@ -234,3 +234,11 @@ def test_existing_folders_that_are_not_this_export(runs, tmp_path, capsys):
     code, _, err = run(["adapt-images", str(runs / "grey"), "--out", str(other), "--device", "cpu"], capsys)
     assert code == 2 and "is not a uda export" in err
     assert [p.name for p in other.iterdir()] == ["holiday.jpg"]
+
+
+def test_an_out_under_a_file_is_one_line(runs, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code, _, err = run(["adapt-images", str(runs / "grey"), "--out", str(afile / "exp"), "--device", "cpu"], capsys)
+    assert code == 1 and err.strip().splitlines() == [
+        f"error: could not create the export folder {afile / 'exp'}: Not a directory; pass --out a folder you can write to"]

@@ -105,8 +105,9 @@ class ClassificationLayout(Layout):
         return f"{self.classes[label]}/{name}"
 
     def prepare(self) -> None:
+        ckpt.make_folder(self.root, "the export folder", "pass --out a folder you can write to")
         for c in self.classes:
-            ckpt.make_folder(self.root / c, "the export folder", "pass --out a folder you can write to")
+            ckpt.make_folder(self.root / c)
 
     def existing(self) -> set[str]:
         """Finished files (non-empty); temporary files of an interrupted call are deleted."""
