@@ -6,7 +6,7 @@
 - anything else is a bug: one line, exit 1, and ``UDA_DEBUG=1`` shows the traceback.
 
 Exit statuses (the README lists them too): 0 success; 1 an error (a ``UDAError`` such as a
-missing dataset or a bad checkpoint, or an internal error); 2 bad options or usage; 130,
+missing dataset, a bad checkpoint or an output that cannot be written, or an internal error); 2 bad options or usage; 130,
 143, 138: a run stopped by SIGINT, SIGTERM or SIGUSR1 after writing a checkpoint (128 +
 signal number). No command ever prompts: everything comes from flags, files and the
 environment, so every command runs unattended.
