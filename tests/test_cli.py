@@ -202,3 +202,28 @@ def test_a_write_that_fails_mid_run_keeps_the_last_checkpoint_and_resumes(tmp_pa
     code, _, err = run(args + ["--resume", "auto"], capsys)
     assert code == 0, err
     assert (ckdir / "latest").read_text().strip() == "step-00000012"
+
+
+@pytest.mark.parametrize("method", ["source-only", "dann", "i2i", "pixelda", "dtn"])
+def test_every_method_keeps_the_shared_hyperparameter_ranges(method):
+    """A method that re-declares lr, betas, batch_size or weight_decay for its paper's default
+    still refuses what the optimizer would crash on, in one --set line each."""
+    from uda_cli.config import method_config
+    from uda_cli.errors import ConfigError
+
+    method_config(method, {})  # the paper's defaults are in range
+    for name, value, msg in (("lr", -1e-3, "greater than 0"), ("betas", [0.5, 1.0], "less than 1"),
+                             ("batch_size", 0, "greater than 0"), ("weight_decay", -1, "greater than or equal to 0"),
+                             ("grad_clip", 0, "greater than 0")):
+        with pytest.raises(ConfigError) as e:
+            method_config(method, {name: value})
+        line = str(e.value).splitlines()[0]  # "--set betas.1: ..." where the base's own field answers
+        assert line.startswith(f"--set {name}") and line.endswith(f": Input should be {msg}"), line
+
+
+def test_resuming_a_checkpoint_past_steps_says_so(tmp_path, capsys):
+    args = ["train", "--method", "source-only", "--src", "tiny-src", "--tgt", "tiny-tgt", "--batch-size", "4",
+            "--out", str(tmp_path / "r"), "--device", "cpu"]
+    assert run(args + ["--steps", "4"], capsys)[0] == 0
+    code, out, err = run(args + ["--steps", "2", "--resume", "auto"], capsys)
+    assert code == 2 and "is at step 4, past --steps 2; pass --steps 4 or more" in err and not out

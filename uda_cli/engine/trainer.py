@@ -256,6 +256,9 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
     resume_meta = ckpt.read_metadata(resume_from) if resume_from else None
     if resume_meta:
         _check_resume_compatible(resume_meta, opts, cfg, batch_size, resume_from, world)
+        if resume_meta["step"] > total:
+            raise ConfigError(f"{resume_from} is at step {resume_meta['step']}, past --steps {total}; pass --steps "
+                              f"{resume_meta['step']} or more, or evaluate it with uda evaluate {resume_from}")
     if dist.is_main:  # before any data is read or network built: a bad --out fails at once
         ckpt.make_folder(run_dir, "the run folder", "pass --out a folder you can write to")
 

@@ -15,10 +15,11 @@ from ``predict``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
 
 from uda_cli.errors import CheckpointError
 
@@ -40,7 +41,7 @@ class MethodConfig(BaseModel):
     batch_size: int = Field(128, gt=0, description="images per domain per step when --batch-size is not given")
     optimizer: Literal["adam", "sgd"] = "adam"
     lr: float = Field(2e-4, gt=0)
-    betas: tuple[float, float] = (0.5, 0.999)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.5, 0.999)
     momentum: float = Field(0.9, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     lr_schedule: Literal["constant", "step", "inv", "poly"] = Field(
@@ -50,6 +51,27 @@ class MethodConfig(BaseModel):
     lr_step_every: int = Field(20_000, gt=0)
     lr_gamma: float = Field(0.95, gt=0)
     grad_clip: float | None = Field(None, gt=0, description="clip each group's gradient norm to this")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _shared_constraints(cls, v: Any, info: ValidationInfo) -> Any:
+        """A method's Config re-declares a shared field to give it the paper's default
+        (``lr: float = 1e-3``), and in pydantic that drops the constraints declared here
+        (lr > 0, betas in [0, 1)); so every method's value is checked against them again."""
+        check = _shared_checks().get(info.field_name)
+        if check is None or cls is MethodConfig:
+            return v
+        try:
+            return check.validate_python(v)
+        except ValidationError as e:
+            raise ValueError(e.errors()[0]["msg"]) from None
+
+
+@cache
+def _shared_checks() -> dict[str, TypeAdapter]:
+    """MethodConfig's own type and constraints of each of its fields, as a validator."""
+    return {name: TypeAdapter(Annotated[f.annotation, *f.metadata] if f.metadata else f.annotation)
+            for name, f in MethodConfig.model_fields.items()}
 
 
 @dataclass(frozen=True)
