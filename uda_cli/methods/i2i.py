@@ -68,7 +68,11 @@ Where the paper is silent or we depart from it:
     source is as small). L_z matches the domains' z overall, not class by class. L_c + L_z
     alone (Table 1's DANN-like weights, ``examples/i2i/dann_like.toml``) reaches 56.5 +- 1.7%.
     No variant brought the labels back through g_y: 10x lambda_z, ``warmup_steps=400``,
-    ``decoder_shared_layers=1``, ``tr_form="minimax"``, lambda_cyc=0, 3,000 steps. The subset's
+    ``decoder_shared_layers=1``, ``tr_form="minimax"``, lambda_cyc=0, 3,000 steps, and 10x
+    lambda_id and lambda_cyc (1.0 each, toward the paper's weights read with L1 summed over
+    pixels rather than our mean): the decoders then draw all ten classes, but keep the label on
+    19-22% of SVHN images, and h learns SVHN slower (43.2 +- 3.3% against the defaults' 54.1 +-
+    0.7, seeds 0-1; benchmarks/results/2026-12-06_cpu_session29_i2i_reconstruction_weight.md). The subset's
     size is not shown to be the cause: on MNIST-M->MNIST (a study pair: digits on textured
     backgrounds as in SVHN, of which we have all 59,001), g_y keeps the label on 17-42% of the
     source images, and on 25-47% (more, on each seed) with the source cut to its first 1,083;
