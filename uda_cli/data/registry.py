@@ -1,10 +1,14 @@
 """The domain registry: every name a user can pass to ``--src``, ``--tgt`` or ``--domain``.
 
-A domain is a task (classification now; segmentation later), its classes, the image size
-a run uses, its splits, and a reader for the original files. A reader returns the split at
-its native size as ``uint8`` numpy arrays ``images [N, H, W, C]`` (C is 1 or 3) and
-``labels [N]`` (int64); :func:`load_domain` turns that into one uint8 tensor at the run's
-size and channel count, the only copy a run keeps.
+A domain is a task, its classes, the image size a run uses by default, its splits, and a
+reader for the original files.
+
+- classification: a reader returns the split at its native size as ``uint8`` numpy arrays
+  ``images [N, H, W, C]`` (C is 1 or 3) and ``labels [N]`` (int64); :func:`load_domain` turns
+  that into one uint8 tensor at the run's size and channel count, the only copy a run keeps.
+- segmentation: a reader returns a :class:`~uda_cli.data.dense.DenseSource`, read one sample
+  at a time (dense data does not fit in memory); :func:`load_dense` gives it, with a
+  ``[START:STOP]`` part applied.
 
 Files live under ``<data root>/<dataset>/`` where the data root comes from ``--data-root``,
 ``UDA_DATA_ROOT``, or ``$XDG_CACHE_HOME/uda/data`` (``~/.cache/uda/data``).
@@ -40,6 +44,9 @@ class DomainSpec:
     reader: Callable[[Path, str], tuple]  # (dataset folder, split) -> (images, labels)
     description: str = ""
     notes: dict[str, str] = field(default_factory=dict)
+    # Segmentation: named subsets of the classes (train ids) that evaluation also averages
+    # over, e.g. SYNTHIA's ("16", ...) and ("13", ...) of the Cityscapes 19.
+    class_subsets: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -191,6 +198,31 @@ def load_domain(
     x = resize_uint8(x, size or spec.image_size)
     y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
     return x.contiguous(), y
+
+
+def load_dense(name: str, split: str, data_root: Path | str | None = None):
+    """``name:split`` of a segmentation domain as a :class:`~uda_cli.data.dense.DenseSource`."""
+    from uda_cli.data.dense import SubsetSource
+
+    spec = get_domain(name)
+    if spec.task != "segmentation":
+        raise ConfigError(f"{name} is a {spec.task} domain, not a segmentation one")
+    split = resolve_split(spec, split, spec.train_split)
+    root = resolve_data_root(data_root)
+    folder = root / spec.dataset if spec.dataset else Path()
+    base, sl = split_slice(split)
+    source = spec.reader(folder, base)
+    if sl is None:
+        return source
+    n = len(source)
+    if any(b is not None and not -n <= b <= n for b in (sl.start, sl.stop)):
+        raise ConfigError(f"{name}:{split} reaches past the {n:,} images of {name}:{base}; "
+                          f"pick START and STOP within -{n:,}..{n:,}")
+    indices = range(n)[sl]
+    if len(indices) == 0:
+        raise ConfigError(f"{name}:{split} selects no images ({name}:{base} has {n:,}); "
+                          f"pick START below STOP, e.g. {name}:{base}[:-{max(n // 10, 1)}]")
+    return SubsetSource(source, indices, f"{name}:{split}")
 
 
 def _ensure_builtin() -> None:
