@@ -41,120 +41,35 @@ channels, so D sees the same kind of image from both sides. With a colour target
 ``grey_output=false`` (g then decodes the run's channels); a colour target with
 ``grey_output=true`` is refused at the start of the run.
 
-f's output (departure, measured): the paper's f ends in max pooling and ReLU. Its features
-are unbounded (mean square ~118 on SVHN after pretraining here), so L_CONST (MSE in f's
-space) times alpha = 15 outweighed L_GANG and L_TID by ~5x and g learned images that match
-f's features without looking like digits: noise, 8.3% on MNIST (SVHN->MNIST, cpu budget,
-benchmarks/results). ``f_output="tanh"`` (the default) ends f in batch norm and tanh, as the
-public re-implementation (yunjey/domain-transfer-network) does, so the features lie in
-[-1, 1] and alpha = 15 weighs L_CONST like the other terms; its batch norm is frozen (eval
-mode) with f after pretraining. ``f_output="relu"`` is the paper's network.
-
-``d_every`` and ``g_steps``: D is updated on every N-th adversarial step and g ``g_steps``
-times per step (both default 1, as the paper; it says nothing on the ratio). The public
-re-implementation updates g several times per D update; ``d_every`` is the cheap form of
-that (a step without a D update skips D's backward), ``g_steps`` the literal one. Neither
-helped in our runs (SVHN->MNIST, batch 32, after 300 adversarial steps: d_every=4 19.7% vs
-19.9%; g_steps=2 17.3% after 200 vs 20.3% with one g step, the same images seen).
-
-``d_batches`` (the paper is silent): "separate" (default) runs D on G(x_s), G(x_t) and x_t
-as three batches, so its batch norm never mixes real and fake images (DCGAN's habit, which
-the paper's D follows); "mixed" runs one batch of the three. Measured on SVHN->MNIST (same
-pretrained f, batch 32): 32.4 / 37.4% (mixed) vs 31.8 / 39.8% (separate) after 200 / 300
-adversarial steps, a tie; separate is the cheaper, as g's pass then needs no D(x_t).
-
-``grayscale`` (default off): every network sees one channel, a colour domain loaded as luma
-(I2I's option of the same name; the paper is silent on colour for DTN's digits). Off, a colour
-domain keeps colour and a grey one is repeated to three channels.
-
-``pretrain_augment`` (default off, as the paper): random translation and rotation of the
-source while f pretrains. The paper pretrains f on SVHN's 531k "extra" images; on a small
-source (the 1,083-image SVHN subset in ``../shared/data``) f overfits and generalises badly:
-f's own head reads MNIST at 41% after 2,000 steps without augmentation, 52% with (batch 32).
-Chosen on MNIST test; session 17 re-read it at the cpu budget's full length on 5,000 held-out
-MNIST train images (``--target-val 5000``, ``c_augment`` on; 2026-11-25_cpu_1core_session17.md):
-without it DTN reads 33.9 +- 9.0% test / 33.1 +- 9.3% held out (seeds 0-2: 30.7, 26.9, 44.1),
-below source-only on every seed under the same budget (49.7 +- 2.2 / 46.3 +- 1.2), against
-60.3 +- 0.7 / 61.3 +- 0.9 with it. Seed 0's f head reads MNIST test at 33.6% without, 46.7%
-with, and the adversarial phase then loses ground from the weaker f (C 30.7%) where it gains 13
-points from the stronger one (C 59.4%): G can only carry into pixels what f already separates.
-Held out keeps it on.
-
-``c_augment`` (default off; the paper says nothing of how C is trained): random translation
-and rotation of C's copy of G(x_s) (D and g see the images as they are). With a small
-source, C sees as few distinct images as the source has and overfits them (its loss ~0.05);
-augmentation makes it read real targets better: SVHN->MNIST, same f and batch order, after
-300 / 400 adversarial steps 37.3 / 44.2% with it vs 31.8 / 39.8% without. The cpu budget of
-``benchmarks/digits.py`` turns it on for SVHN->MNIST. These settings were compared on MNIST's
-test set (one seed), the number the table reports: read them as tuned on it. Session 15 re-read
-``c_augment`` on 5,000 held-out MNIST train images (``--target-val 5000``, 2,000 augmented
-pretraining steps then 400 adversarial ones, seeds 0-2; results
-2026-11-24_cpu_1core_session15_held_out.md): on 40.8 / 43.5 / 34.5% test and 41.4 / 44.2 /
-33.6% held out, off 32.6 / 38.8 / 36.9% and 30.7 / 37.2 / 36.5%. Held out prefers what test
-prefers on each seed, but over seeds the choice is not clear at that length: ahead on two,
-behind on one (+3.5 +- 5.4 test, +4.9 +- 7.0 held out). At the cpu budget's full 4,500 steps
-(sessions 15-16, seeds 0-2; 2026-11-25_cpu_1core_session16.md) it is ahead on every seed in
-both: on 60.3 +- 0.7% test / 61.3 +- 0.9% held out, off 52.9 +- 2.4 / 52.5 +- 4.1 (seed 2, behind
-at 400 adversarial steps, is ahead by 10.3 / 14.3 points). Held out keeps it on. Source-only
-under the same budget and hold-out (4,500 steps of 32, seeds 0-2, session 17; results
-2026-11-25_cpu_1core_session17.md) reads 49.7 +- 2.2% test / 46.3 +- 1.2% held out: DTN leads it
-on every seed, by 10.6 +- 2.9 / 15.0 +- 2.1 points with ``c_augment`` and 3.3 +- 2.1 / 6.2 +- 3.2
-without.
-
-Where it stands (benchmarks/results; SVHN->MNIST on the 1,083-image SVHN subset, batch 32,
-seeds 0-2, 2,000 steps of f pretraining with ``pretrain_augment``, ``c_augment`` on). The
-length of the adversarial phase decides it. After 1,000 adversarial steps DTN does **not**
-beat source-only under the same budget: 48.3 +- 7.2% against 51.3 +- 2.6%, and
-``benchmarks/dtn_probe.py`` shows C ending on either side of f's own head (48.0 / 44.9 /
-54.8%): G carried f's knowledge into pixels without adding to it. The same runs continued
-(``--resume auto --steps 4500 --eval-every 500``; exact, nothing in DTN depends on the total)
-read 53.7 / 56.6 / 57.3 +- 3.0% after 1,500 / 2,000 / 2,500 adversarial steps, above f's head
-on every seed, while source-only continued alike reads 54.1 / 53.8 / 49.4 +- 3.9% (it has fit
-its 1,083 images, loss ~0.001, and wanders). At 4,500 steps DTN is ahead on every seed (58.2
-/ 53.9 / 59.7 against 52.3 / 45.0 / 50.8), C on G(x_t) reads the same, and a C trained afresh
-on the last G(x_s) now reads 57.5 / 47.8 / 56.1% (41.4 / 35.4 / 51.8 at 3,000 steps): the
-last G has become a better translator. The cpu budget is therefore 4,500 steps (the length was
-fixed at 4,500 for time before any evaluation past 3,000 was seen; all these numbers are on
-MNIST's test set, and at 3,500 steps the two are level, 53.7 vs 54.1). Session 18 re-read the
-length on 5,000 held-out MNIST train images (seeds 0-2 to 6,000 steps, a checkpoint every 500
-read by ``benchmarks/curves.py --domain``, source-only alike; another host, fused kernels;
-2026-11-25_cpu_1core_session18.md): held out 51.9 / 58.5 / 61.7 / 51.1 / 57.9% at 4,000 /
-4,500 / 5,000 / 5,500 / 6,000 steps against source-only's 48.0 / 48.7 / 48.6 / 49.0 / 46.3.
-DTN leads on every seed at 4,500, 5,000 and 6,000, not at 4,000 or 5,500: one run moves by up
-to 22 points between checkpoints 500 steps apart (seed 2: 61.0 at 5,000, 38.3 at 5,500), as C
-follows a G that still moves. 5,000 reads highest, ahead of 4,500 on every seed by 3.1 +- 1.4
-points, but a neighbour of a 22-point drop; the budget stays 4,500 and the stop point, not the
-length, is what to fix next (a C trained on the last G, or averaged over checkpoints). It is still
-far below the paper's 84.4%: f learns SVHN from 1,083 images, the paper's f from 531k
-("extra") images, and its schedule is longer. ``uda download svhn`` fetches the 73k training
-set where there is internet (not here); "extra" is not registered. MNIST->USPS (not the
-paper's pair; the cpu budget, 600 steps at batch 64 of which 300 pretrain f, seeds 0-2, 1,000
-USPS train images held out; session 26, results
-2026-12-04_cpu_session26_pixelda_mnistm_task_weight_dtn.md): 66.3 +- 7.3% test / 69.4 +- 4.9%
-held out, **below** the same-budget source-only's 71.4 +- 1.5 / 75.3 +- 1.7 (ahead on seed 0
-only), and below f's own head (75.6-83.5%). The translator is not what fails: G keeps 99.7% of
-the labels by a USPS oracle (``translation_probe.py``, seed 0). C does: it reads its 2,000
-translated training images at 100% and real USPS at 72.8%, while C on G(x_t) reads 83.0%
-(``dtn_probe.py``); ``c_augment`` changes nothing (66.6 +- 5.8%). Longer does not help here (seed 0 at 2,100 steps: 69.4 / 72.2% against
-source-only's 75.5 / 77.7; G then keeps 82% of labels). MNIST->MNIST-M (not the paper's pair,
-colour g; seeds 0-2): 22.9 +- 3.8% / 24.5 +- 5.5% against 55.1 +- 1.5 / 56.8 +- 0.4 (old code:
-25.7 vs 54.2); f, pretrained on grey MNIST and then frozen, reads MNIST-M at 18-23% with its
-own head (in grey too: ``grayscale=true`` gives 21.7 / 23.9% for f's head and 17.6 / 25.7% for
-DTN, seeds 0-1: MNIST-M's textured backgrounds, not its colour, defeat an f pretrained on black
-ones), and G, which cannot carry into pixels what f does not see, keeps 46% of labels: its
-images are colour-blotched and many digits collapse to one class (``uda adapt-images``
-preview).
-
-Defaults: alpha = beta = 15 and B = 1, the paper's digit setting; gamma = 0: TV is the
-paper's smoothing for its faces, we could not confirm a TV weight for digits, and the
-public re-implementation of the digit experiment (yunjey/domain-transfer-network) has no
-TV term. ``g/tv`` is logged either way and adds to L_G with ``--set gamma=...``. Where the paper is silent:
-Adam, lr 2e-4, betas (0.5, 0.999) for every group (DCGAN's, for these DCGAN-style
-networks); batch 128 per domain; 10,000 pretraining steps (source-only's length) then
-10,000 adversarial ones; C is the ADDA LeNet on grey G(x_s) (with colour output,
-source-only's choice of backbone). Losses are batch means: MSE averages over elements;
-L_TV sums over each image's pixels (the paper's sum_ij, where both differences exist) and
-channels of g's output, and averages over the batch.
+Where we depart from the paper or choose where it is silent (what each choice measured, dated,
+with its result files: docs/methods/dtn.md):
+- ``f_output="tanh"`` (default): f ends in batch norm and tanh, as the public
+  re-implementation (yunjey/domain-transfer-network) does, not the paper's max pooling and
+  ReLU, whose unbounded features let alpha L_CONST swamp the other terms (g drew noise). Its
+  batch norm is frozen with f after pretraining. ``f_output="relu"`` is the paper's f.
+- ``d_every`` / ``g_steps`` (default 1 / 1, as the paper): D on every N-th adversarial step,
+  g several times per step (the re-implementation's ratio); neither helped.
+- ``d_batches`` (the paper is silent): "separate" (default) runs D on G(x_s), G(x_t) and x_t
+  as three batches, so its batch norm never mixes real and fake images (DCGAN's habit);
+  "mixed" runs one batch of the three. They measured level; separate is the cheaper.
+- ``grayscale`` (default off): every network sees one channel, a colour domain loaded as luma
+  (I2I's option of the same name). Off, a colour domain keeps colour and a grey one is
+  repeated to three channels.
+- ``pretrain_augment`` (default off, as the paper): random translation and rotation of the
+  source while f pretrains; the paper pretrains f on SVHN's 531k "extra" images, and on a
+  small source f overfits without it.
+- ``c_augment`` (default off; the paper says nothing of how C is trained): random
+  translation and rotation of C's copy of G(x_s) (D and g see the images as they are).
+- C trains alongside g, in its own group (above), where the paper trains it after G.
+- gamma = 0: TV is the paper's smoothing for its faces; we could not confirm a TV weight for
+  digits, and the re-implementation has none. ``g/tv`` is logged either way and adds to L_G
+  with ``--set gamma=...``. alpha = beta = 15 and B = 1 are the paper's digit setting.
+- Where the paper is silent: Adam, lr 2e-4, betas (0.5, 0.999) for every group (DCGAN's);
+  batch 128 per domain; 10,000 pretraining steps (source-only's length) then 10,000
+  adversarial ones; C is the ADDA LeNet on grey G(x_s) (with colour output, source-only's
+  choice of backbone). Losses are batch means: MSE averages over elements; L_TV sums over
+  each image's pixels (the paper's sum_ij, where both differences exist) and channels of g's
+  output, and averages over the batch.
 """
 
 from __future__ import annotations
