@@ -44,7 +44,8 @@ turned grey; random translation / rotation augmentation. Office-31 weights are i
 ``examples/i2i/office31.toml``; Table 1's earlier methods as weight settings are in
 ``examples/i2i/``.
 
-Where the paper is silent or we depart from it:
+Where the paper is silent or we depart from it (what was measured, dated, with its result
+files: docs/methods/i2i.md):
   * Steps 10,000 and batch 128 per domain: not stated for digits; ADDA's digit settings.
   * Adversarial form: the encoders/decoders minimise the non-saturating log-loss with flipped
     labels (-log Q(fake)) instead of log(1 - Q(fake)), the standard GAN practice (and ADDA's
@@ -55,50 +56,13 @@ Where the paper is silent or we depart from it:
     does for SVHN. A colour target such as MNIST-M is then grey too (the loader uses ITU-R 601
     luma); set ``grayscale=false`` to keep colour (``backbone=auto`` then follows the house
     rule of ``digit_backbone``: the DANN SVHN network when SVHN is involved, else LeNet).
-    Measured on MNIST->MNIST-M (not a pair of the paper; cpu budget of benchmarks/digits.py,
-    seed 0): 53.0% grey, 56.5% colour, against 56.8 / 56.7% for source-only under the same
-    budget; colour recovers what grey loses there, and neither beats source-only.
-  * Measured on SVHN->MNIST (the paper's pair, 80.3%) with the 1,083-image SVHN subset at the
-    cpu budget (1,200 steps, batch 64), these defaults do not beat source-only: 50.2 +- 3.1%
-    against 51.8 +- 1.3% over six runs on two machines. What the probes found
-    (benchmarks/translation_probe.py, benchmarks/i2i_decoder_probe.py): L_tr makes g_x and g_y
-    draw one image whatever z they get, so L_trc trains h on target-looking images with wrong
-    labels; with lambda_tr=0.005 the decoders use z again, but the digit g_y draws from an SVHN
-    z agrees with h's reading of that z on 12-16% of images (73-83% on USPS->MNIST, whose
-    source is as small). L_z matches the domains' z overall, not class by class. L_c + L_z
-    alone (Table 1's DANN-like weights, ``examples/i2i/dann_like.toml``) reaches 56.5 +- 1.7%.
-    No variant brought the labels back through g_y: 10x lambda_z, ``warmup_steps=400``,
-    ``decoder_shared_layers=1``, ``tr_form="minimax"``, lambda_cyc=0, 3,000 steps, and 10x
-    lambda_id and lambda_cyc (1.0 each, toward the paper's weights read with L1 summed over
-    pixels rather than our mean): the decoders then draw all ten classes, but keep the label on
-    19-22% of SVHN images, and h learns SVHN slower (43.2 +- 3.3% against the defaults' 54.1 +-
-    0.7, seeds 0-1; benchmarks/results/2026-12-06_cpu_session29_i2i_reconstruction_weight.md).
-    The subset's size is not shown to be the cause: on MNIST-M->MNIST (a study pair: digits on textured
-    backgrounds as in SVHN, of which we have all 59,001), g_y keeps the label on 17-42% of the
-    source images, and on 25-47% (more, on each seed) with the source cut to its first 1,083;
-    with USPS's 1,800 plain images on 73-83%. The source's look, not its count, loses the digit at
-    this budget (benchmarks/results/2026-12-04_cpu_session27_i2i_source_size.md). Whether the
-    paper's schedule on all 73k SVHN images escapes this is not measured (the shared data holds
-    the subset only; the paper schedule on the subset, on an H100, read 44.1 +- 5.9%).
-    Runs: benchmarks/results/2026-11-24_cpu_1core_session{8_i2i_svhn_mnist,9_i2i_probe,
-    10_i2i_decoders}.md. Scored on 5,000 held-out MNIST train images (``digits.py --target-val
-    5000``, seeds 0-4), L_c + L_z ranks above both the defaults and the trc_to_decoder setting
-    (below) on every seed (test 56.8 +- 1.0, defaults 53.0 +- 3.3, source-only 50.7 +- 2.7): on this
-    pair at this budget, use ``dann_like.toml``'s weights. With seeds 0-1 again on another host
-    (session 29) the defaults read 53.3 +- 2.8 against source-only's 50.7 +- 2.6 over seven paired
-    seeds: ahead on six, a lead inside the seeds' spread. On MNIST->USPS and USPS->MNIST too,
-    L_c + L_z is level with the full objective at the cpu budget (87.3 / 83.3% against 86.4 /
-    81.0%, seeds 0-2) at a tenth of its time: the translation terms add nothing measurable at
-    1,200 steps; whether they do at the paper's schedule is not measured.
-    benchmarks/results/2026-11-24_cpu_1core_session14_i2i_target_val.md.
+  * On SVHN->MNIST with the 1,083-image SVHN subset at the cpu budget, these defaults end
+    level with source-only (a lead inside the seeds' spread), and L_c + L_z alone
+    (``examples/i2i/dann_like.toml``) ranks above them on held-out target images; the
+    translator there loses the digit (g_y keeps the label on few SVHN images).
   * ``trc_to_decoder`` (default false, the paper's routing) lets L_trc reach g_y and f_x, an
-    ablation of the routing. On SVHN->MNIST, with lambda_tr=0.005
-    (``examples/i2i/svhn_mnist_trc_to_decoder.toml``), it beats source-only on each of five
-    seeds (55.9 +- 1.8 against 50.7 +- 2.8), but h reads the source label in 77-83% of the
-    translations and an MNIST classifier in only 7-42%: it works through L_trc on
-    target-styled images, the cheating the paper's routing stops, not through translations
-    that keep the digit. Two departures from the paper, so not the default.
-    benchmarks/results/2026-11-24_cpu_1core_session12_i2i.md.
+    ablation of the routing (``examples/i2i/svhn_mnist_trc_to_decoder.toml``); it works
+    through the cheating the paper's routing stops, so it is not the default.
   * ``decoder_shared_layers`` (default 2 of the 3 transposed convs; the paper says the
     decoders share "their first layers", not how many), ``tr_form`` (default non_saturating,
     above) and ``warmup_steps`` (default 0: the paper's objective from the first step) exist
