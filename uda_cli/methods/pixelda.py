@@ -1,5 +1,6 @@
 """PixelDA: Bousmalis, Silberman, Dohan, Erhan, Krishnan, "Unsupervised Pixel-Level Domain
-Adaptation with Generative Adversarial Networks", CVPR 2017.
+Adaptation with Generative Adversarial Networks", CVPR 2017. What was measured behind the
+choices below, and their history: docs/methods/pixelda.md.
 
 A generator G(x_s, z) turns a source image and a noise vector z ~ U[-1, 1]^10 into an image
 that a discriminator D cannot tell from a target image, while a task network T learns the
@@ -33,12 +34,8 @@ released code, four weights, and its README gives the ones "the MNIST-M results 
 were run with": domain_loss_weight 0.1356 (alpha: L_d in D's step), task loss weight 1.0 in
 that step (beta: T's CE on x_s and G(x_s, z)), style_transfer_loss_weight 0.0113
 (``g_adv_weight``: -log D(G) in G's step) and task_loss_in_g_weight 0.0101
-(``g_task_weight``: T's CE on G(x_s, z) in G's step). An earlier version of this file used
-alpha 0.13 and beta 0.011 in both steps (a misreading: 0.011 is G's adversarial weight);
-with one Adam per network only the ratio within G's step and the size against weight decay
-matter, and that version weighted G's adversarial term 12x its task term instead of about
-1.1x and let weight decay dominate T. gamma 0 (L_c off: the paper uses it for LineMod, whose source
-images have a background to ignore). For a black-background source (MNIST) turn it on with
+(``g_task_weight``: T's CE on G(x_s, z) in G's step). gamma 0 (L_c off: the paper uses it
+for LineMod, whose source images have a background to ignore). For a black-background source (MNIST) turn it on with
 ``--set gamma=...``: the mask m marks the digit's pixels, x_s > ``mask_threshold`` (channel
 mean, in [-1, 1]), so G may repaint the background freely but keeps the digit's shape; being
 a variance of the masked difference, PMSE ignores a constant shift of the digit's intensity.
@@ -55,41 +52,11 @@ Where we chose or departed:
   2.5 lr decays) as a default, override with --steps. (The authors' README ran MNIST-M for
   16M examples, 500,000 steps of 32: ten times our default.)
 - MNIST -> USPS: the paper reports it (95.9%) but gives no settings for it. With the MNIST-M
-  ones above, G may redraw a digit as another (USPS digits are larger and thicker than
-  MNIST's, so D asks G to change their shape, not only their style), and T, trained on
-  G(x_s, z) with the source labels, then learns the redrawn digits and reads real USPS
-  images as few classes (all "1" at the end). In G's step the adversarial term (0.0113) and
-  the task term (0.0101) are level, and which wins is down to the seed and the rounding:
-  seen on 3 of 3 seeds on an H100 in bf16 (session 19), on the CPU with bf16 on 3 of 5 runs
-  (session 20), and at the cpu budget on one host kind (AMD AVX2; sessions 21-24) on seed 4
-  of 0, 2, 3, 4 in float32 (44.5% against source-only's 71.6; G kept 23% of labels) and on
-  both seeds (3 and 0) that held in float32 once bf16's rounding was emulated there
-  (``benchmarks/bf16_emulation.py``: 46.6 and 58.2% where float32 gave 91.2 and 85.5). So
-  bf16 makes it likelier, and float32 does not prevent it.
-  **What we chose for this pair: g_task_weight 0.1** (ten times the authors' MNIST-M value,
-  our setting, not the paper's), gamma 0. It held on every run tried at the cpu budget (G at 32
-  filters, 1,200 steps): seed 4 in float32 88.1% (G keeps 92% of labels), seeds 3 and 0 with
-  bf16 emulated 88.9 and 89.1% (88-93% of labels kept), and seeds 3 and 0 in float32
-  88.9 and 88.5% (source-only 72.8-74.1; where the MNIST-M weights held, seed 3 gave 91.2
-  with them, seed 0 85.5); g_task_weight 0 left seed 4 at source-only's level (73.2%,
-  G keeping 9% of labels: nothing ties G's digit to its label then). Runs and numbers:
-  ``benchmarks/results/2026-12-03_cpu_session24_pixelda_usps_bf16_task_weight.md``.
-  The content loss L_c (gamma 0.1, foreground mask), the earlier choice (session 20: it held
-  seeds 0 and 3 in bf16 at 64 filters), is no fix: in float32 (session 21) it made seed 3
-  fall (73.4% against gamma 0's 91.2): G kept the masked thin MNIST stroke and painted a
-  USPS-sized glyph round it in the background the mask leaves free, and T learned the stroke.
-  With no mask (gamma 0.1, session 22, whose run folders were lost) seed 3 reached 73.4%, 53% of
-  labels kept.
-  ``benchmarks/digits.py`` (cpu and paper budgets) and ``examples/pixelda/mnist_usps.toml``
-  use g_task_weight 0.1 for this pair. The paper budget's 50,000 steps at 64 filters in bf16
-  on a GPU with it are not run yet (``benchmarks/lease_jobs.txt``).
-  MNIST -> MNIST-M keeps the authors' 0.0101: there 0.1 reads lower on every seed tried (cpu
-  budget, 1,000 MNIST-M train images held out; sessions 25-26, results
-  ``2026-12-04_cpu_session26_pixelda_mnistm_task_weight_dtn.md``): on an AVX512 host seeds 0-2
-  76.7 +- 2.3% test (78.6 +- 3.2 held out) against 81.8 +- 1.1 (84.2 +- 2.5), source-only 57.8
-  +- 2.1; on an AVX2 host seed 0 76.8 against 82.1. G keeps most digits with either weight
-  (translation probe, seed 0: 87-96% of labels, which weight keeps more differs by host), so
-  there is no collapse there for the heavier task term to prevent, and it costs adaptation.
+  weights G may redraw a digit as another and T then reads USPS as few classes (seen in bf16
+  and in float32). For this pair we use g_task_weight 0.1 (ours, ten times the authors'
+  MNIST-M value), gamma 0: ``benchmarks/digits.py`` and ``examples/pixelda/mnist_usps.toml``.
+  MNIST -> MNIST-M keeps the authors' 0.0101 (0.1 reads lower there). Measurements, dated,
+  with their result files: docs/methods/pixelda.md.
 - T: the paper uses the DANN/DSN MNIST tower (conv 32-48, fc 100-100) for MNIST-M; we reuse
   the repository's digit backbones so every method compares with the same classifiers. The
   authors' code also gives T a private first conv for source vs translated/target images;
