@@ -41,3 +41,4 @@ for _domain in office.OFFICE31_DOMAINS:
                      "resized to 224x224 colour; one split, all"),
     ))
 del _domain
+from uda_cli.data import cityscapes, gta5, synthia  # noqa: E402,F401  (register the segmentation domains)

@@ -47,6 +47,8 @@ class DomainSpec:
     # Segmentation: named subsets of the classes (train ids) that evaluation also averages
     # over, e.g. SYNTHIA's ("16", ...) and ("13", ...) of the Cityscapes 19.
     class_subsets: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    # Segmentation: one (r, g, b) per class, for colouring predictions; () when none is given.
+    palette: tuple[tuple[int, int, int], ...] = ()
 
     @property
     def num_classes(self) -> int:
