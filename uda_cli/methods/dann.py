@@ -23,7 +23,8 @@ The schedule needs the run's total steps, which ``--steps`` may set apart from
 then). lambda depends on ``step`` alone, so
 a resumed run continues the ramp exactly.
 
-Defaults and departures:
+Defaults and departures (what was measured behind them, dated, with its result files:
+docs/methods/dann.md):
 - Batch: the paper fills half of each 128-image batch with source and half with target;
   the engine's batch size counts images per domain, so 64.
 - Backbone: as source-only, the DANN SVHN network when SVHN is involved, else the ADDA
@@ -37,61 +38,22 @@ Defaults and departures:
   starts C, since F's last layer is linear.
 - D's own gradient is not scaled by lambda: lambda only enters through the reversal layer,
   the form the paper trains with (its gradient reversal layer for Caffe).
-- Steps: the paper gives no iteration count for digits; 10,000, as source-only, so both
-  rows of a table train equally long. No weight decay (the paper mentions none).
+- Steps: the paper gives no iteration count for digits; 10,000, ADDA's source-only length
+  (source-only defaults to 2,000; ``benchmarks/digits.py`` trains a table's rows equally long). No weight decay (the paper mentions none).
 - ``ramp_delay`` (default 0, the paper): steps with no reversal before the ramp, which
-  then spans the rest of the run. Measured on SVHN->MNIST only, where it did not help (below).
+  then spans the rest of the run. It did not help where measured (SVHN->MNIST).
 - ``f_batches`` (the paper is silent; default "auto"): F reads the source and target
   batches as one batch ("mixed"), so the batch norm of the SVHN net (ours, see
   ``models/digits.py``) normalises them together, or as two ("separate"), each with its
   own statistics (the running statistics used at test time follow both). "auto" is
   "separate" when F has batch norm (the SVHN net) and "mixed" when it has none (LeNet, where
-  the two train alike and only the dropout draws would differ, so the LeNet rows below keep
-  their numbers). On SVHN->MNIST "mixed" collapses and "separate" does not (see "Where it
-  stands").
+  the two train alike and only the dropout draws would differ, so the LeNet rows keep
+  their numbers). On SVHN->MNIST "mixed" collapses and "separate" does not.
 - What D reads (``d_input``): the encoder's output by default (the 500-d LeNet features, as
   ADDA's discriminator; 3072-d on the SVHN net). ``conv`` feeds D the conv output instead
   (128 x 7 x 7 on the SVHN net), where the SVHN figure of the paper and public
   re-implementations split feature extractor from label predictor; it did not change the
-  SVHN->MNIST collapse under "mixed" (below), so the default stays.
-
-Where it stands (benchmarks/results, cpu budget, seeds 0-2 with a source-only control of the
-same steps, batch and seed): MNIST->USPS 82.3 / 83.7 / 81.4 against 75.9 / 75.9 / 74.2,
-MNIST->MNIST-M 66.7 / 68.3 / 65.6 against 61.1 / 62.7 / 64.0, USPS->MNIST 89.8 / 87.6 / 87.3
-against 54.6 / 61.0 / 60.2. SVHN->MNIST (the 1,083-image SVHN subset, 1,500 steps at batch
-64, f_batches "auto", i.e. "separate" on the SVHN net): 61.3 / 54.2 / 60.8 (58.8 +- 3.9)
-against 43.1 / 52.0 / 51.6 (48.9 +- 5.0); on MNIST's 60k train images, which no setting was
-chosen on, 59.5 / 53.0 / 59.3 against 40.6 / 50.0 / 49.1. Ahead on every seed, by 2-18
-points; still far from the paper's 73.9, with 1.5% of SVHN's train set and 1,500 steps.
-
-How SVHN->MNIST got there (seed 0, measured with MNIST test; details in
-benchmarks/results/2026-11-23_cpu_1core_session6_dann_svhn_mnist.md). With "mixed", the
-default until session 7, DANN collapses: 11.4% at 600 steps, every image called "1", against
-54.6% for source-only. The label loss stays at chance (~2.2) once the reversal is on. It is
-not only that the SVHN network starts slowly (it needs ~150 steps to learn anything, and the
-paper's ramp has lambda at 0.25 by step 30 of a 600-step run): with ``ramp_delay=200`` or
-``300`` (no reversal for that long, then the ramp) C first learns (label loss 1.05 / 0.56),
-and within 50 steps of the reversal starting the loss is back at 2.1 and D's loss spikes
-(3.3 / 4.2, chance is 1.39): 14.1% and 11.4%. D's loss swings the same way in a 3,000-step
-run (16.5 at step 100, lambda 0.12). Neither ``d_input=conv`` nor the longer run helped.
-Adam at source-only's lr 2e-4 avoids the collapse but learns slowly under the reversal
-(label loss 1.66 at step 600): 40.3%. ``lambda_max=0.1`` does not calm it either (D's loss
-4.6 at step 150 with lambda at 0.08): 20.8%. What stops it is F's batch norm: run per domain
-("separate"), D's loss stays near chance (1.28-1.67) and the label loss falls under the full
-reversal; at 600 steps that reads 54.7% (level with source-only), at 1,500 the rows above.
-My reading, not proven: with one batch of both domains, the reversal can move the features
-through the shared batch statistics, which a per-domain batch does not offer it. LeNet, on
-the other pairs, has no batch norm and is stable with "mixed".
-
-The choice re-read on held-out target images (session 15, another machine kind than the
-rows above, which do not repeat bit for bit across machines; ``--target-val 5000``: trained
-on ``mnist:train[:-5000]``, scored on the last 5,000 MNIST train images beside MNIST test;
-benchmarks/results/2026-11-24_cpu_1core_session15_held_out.md). "mixed", seed 0: 11.35%
-test / 10.60% held out, collapsed as on test. "auto" (per domain), seeds 0-2: 57.9 / 56.7 /
-57.7 test and 58.2 / 55.5 / 54.6 held out (57.4 +- 0.6 / 56.1 +- 1.9), against source-only of
-the same budget 54.5 / 52.1 / 52.0 and 51.3 / 49.8 / 49.8 (52.9 +- 1.4 / 50.3 +- 0.9): ahead on
-every seed in both columns, by 3.4-5.7 points on test and 4.8-6.8 held out. So the held-out
-images choose as MNIST test did.
+  SVHN->MNIST collapse under "mixed", so the default stays.
 """
 
 from __future__ import annotations
