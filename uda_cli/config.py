@@ -77,9 +77,31 @@ class TrainOptions(Options):
     )
     resume: str | None = Field(default=None, description="'auto' or a checkpoint path")
     params: dict[str, Any] = Field(default_factory=dict, description="method hyperparameters")
+    # Segmentation only (dense domains): sizes are written WxH, as the papers write them.
+    src_size: str | None = Field(default=None, description="WxH the source images are resized to (default: the domain's)")
+    tgt_size: str | None = Field(default=None, description="WxH the target images are resized to (default: the domain's)")
+    crop: str | None = Field(default=None, description="WxH random training crop, after --scale (default: none)")
+    scale: str | None = Field(default=None, description="LO,HI random scale before the crop, e.g. 0.5,1.5 (default: none)")
+    flip: bool = Field(default=False, description="random horizontal flips of training images")
+    workers: int | None = Field(default=None, ge=0, description="data loader workers per domain (default: up to 4, "
+                                                                "one less than the CPUs)")
 
     _device = field_validator("device")(_check_device)
     _domains = field_validator("src", "tgt")(_check_domain)
+
+    @field_validator("src_size", "tgt_size", "crop")
+    @classmethod
+    def _size(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_size(v)
+        return v
+
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_scale(v)
+        return v
 
     @field_validator("method")
     @classmethod
@@ -106,6 +128,28 @@ class TrainOptions(Options):
             return self.out
         clean = lambda s: re.sub(r"[^A-Za-z0-9.-]+", "-", s)  # noqa: E731
         return Path("runs") / f"{clean(self.method)}_{clean(self.src)}_{clean(self.tgt)}_s{self.seed}"
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"1280x720"`` (W x H, as the papers write sizes) -> ``(720, 1280)`` (H, W, as tensors are)."""
+    m = _SIZE_RE.match(text)
+    if not m or int(m[1]) == 0 or int(m[2]) == 0:
+        raise ValueError(f"{text!r} is not a size; write WIDTHxHEIGHT, e.g. 1024x512")
+    return int(m[2]), int(m[1])
+
+
+def parse_scale(text: str) -> tuple[float, float]:
+    """``"0.5,1.5"`` -> ``(0.5, 1.5)``: the range of a random scale, 0 < LO <= HI."""
+    try:
+        lo, hi = (float(p) for p in text.split(","))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a scale range; write LO,HI, e.g. 0.5,1.5") from None
+    if not 0 < lo <= hi:
+        raise ValueError(f"{text!r}: a scale range needs 0 < LO <= HI, e.g. 0.5,1.5")
+    return lo, hi
 
 
 class EvaluateOptions(Options):

@@ -261,7 +261,7 @@ def _preview(out: Path, layout: Layout, images: torch.Tensor, labels: list[int],
 
 
 def adapt_images(opts: AdaptImagesOptions, interactive: bool | None = None) -> ExportResult:
-    from uda_cli.engine.trainer import load_method, run_data_root
+    from uda_cli.engine.setup import load_method, run_data_root
 
     weights = ckpt.resolve_checkpoint(opts.target)
     meta = ckpt.read_metadata(weights)

@@ -23,7 +23,7 @@ from uda_cli.errors import ConfigError
 def evaluate_checkpoint(opts: EvaluateOptions, loaded: dict | None = None) -> tuple[dict[str, Any], Path | None]:
     """Evaluate ``opts.target`` on ``opts.domain``. ``loaded``, a dict the caller keeps across
     calls, holds the domains read so far, so several checkpoints of one run read theirs once."""
-    from uda_cli.engine.trainer import load_method, run_data_root, write_eval
+    from uda_cli.engine.setup import load_method, run_data_root, write_eval
 
     weights = ckpt.resolve_checkpoint(opts.target)
     if opts.json_path:  # a bad --json fails before the work, not after it

@@ -42,17 +42,17 @@ from typing import Any, Callable
 import torch
 
 from uda_cli import __version__
-from uda_cli.config import TrainOptions, method_config
-from uda_cli.data.batches import InMemoryDomain, PairedBatches
-from uda_cli.data.registry import DomainSpec, flat_name, get_domain, load_domain, parse_domain, resolve_split
+from uda_cli.config import TrainOptions
 from uda_cli.engine import checkpoint as ckpt
 from uda_cli.engine import distributed
 from uda_cli.engine.logging import RunLogger
-from uda_cli.engine.metrics import evaluate_classifier
-from uda_cli.engine.runtime import autocast_for, configure_backends, seed_everything
-from uda_cli.errors import CheckpointError, ConfigError, OutputError, UDAError
-from uda_cli.methods.base import Method, MethodConfig, OptimSpec, RoundContext, RunSpec
-from uda_cli.methods.registry import get_method
+from uda_cli.engine.runtime import autocast_for, configure_backends, resolve_precision, seed_everything
+from uda_cli.engine.setup import (  # noqa: F401  (build_method ... write_eval: re-exported for callers of old)
+    build_data, build_method, build_optimizers, check_pair, check_resume_compatible, domain_split, find_resume,
+    fused_ok, load_method, make_optimizer, resolve_run, run_data_root, run_sizes, write_eval,
+)
+from uda_cli.errors import ConfigError, OutputError, UDAError
+from uda_cli.methods.base import RoundContext, RunSpec
 
 
 @dataclass
@@ -70,115 +70,6 @@ class RunResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     rank: int = 0  # this process's rank (0 in a single-process run): only rank 0 reports
     world_size: int = 1
-
-
-# ---- method construction ----------------------------------------------------------------------
-
-def build_method(name: str, config: MethodConfig, spec: RunSpec) -> Method:
-    cls = get_method(name)
-    if spec.task not in cls.tasks:
-        raise ConfigError(f"method {name!r} handles {', '.join(sorted(cls.tasks))} domains, not {spec.task}")
-    return cls(config, spec)
-
-
-def load_method(weights: Path, device: torch.device) -> tuple[Method, dict[str, Any]]:
-    """Rebuild a method from a checkpoint's metadata and load its weights (eval mode)."""
-    meta = ckpt.read_metadata(weights)
-    cfg = method_config(meta["method"], meta["config"], source="checkpoint config")
-    method = build_method(meta["method"], cfg, RunSpec.from_json(meta["spec"]))
-    ckpt.load_weights_into(method, ckpt.read_tensors(weights), weights)
-    method.nets.to(device)
-    method.eval()
-    return method, meta
-
-
-def run_data_root(given: Path | None, meta: dict[str, Any]) -> Path | None:
-    """The data root for reading a run's domains again (evaluate, adapt-images, tsne).
-
-    ``--data-root`` when given; else the run's own ``--data-root`` when that folder still
-    exists (a run trained on ``--data-root /scratch/data`` is evaluated on the same files
-    without repeating it); else None: ``UDA_DATA_ROOT`` or the cache folder, as for training.
-    """
-    if given is not None:
-        return given
-    saved = meta.get("options", {}).get("data_root")
-    return Path(saved) if saved and Path(saved).is_dir() else None
-
-
-# ---- optimizers ---------------------------------------------------------------------------------
-
-def _lr_lambda(spec: OptimSpec, total: int) -> Callable[[int], float]:
-    if spec.schedule == "constant":
-        return lambda s: 1.0
-    if spec.schedule == "step":
-        return lambda s: spec.gamma ** (s // spec.step_every)
-    if spec.schedule == "inv":  # DANN: lr_p = lr / (1 + 10 p)^0.75
-        return lambda s: (1 + 10 * min(s / total, 1.0)) ** -0.75
-    if spec.schedule == "poly":  # DeepLab: lr_p = lr (1 - p)^0.9
-        return lambda s: max(1 - s / total, 0.0) ** 0.9
-    raise ValueError(spec.schedule)
-
-
-# Where the trainer asks for torch's fused Adam / SGD kernels: one kernel per step over all of a
-# group's tensors instead of a Python loop of small ops per parameter. Measured on cpu
-# (benchmarks/optim_step.py); cuda is where torch's fused kernels began, not yet run by us (no
-# GPU in any session so far). Elsewhere (mps, xpu, ...) torch's default stands.
-FUSED_DEVICES = ("cpu", "cuda")
-
-
-def fused_ok(params: list[torch.Tensor]) -> bool:
-    """Whether an optimizer over ``params`` asks for the fused kernel: all on those devices, floats.
-
-    Measured on one idle CPU core with the SVHN network's 25.9M parameters
-    (benchmarks/optim_step.py): an Adam step (source-only's settings) 175 -> 16 ms, a whole
-    source-only step (batch 64) 511 -> 347 ms, source-only on SVHN->MNIST 867 -> 599 s a run; an
-    SGD step (DANN's settings) 17 -> 11 ms, the whole step unchanged
-    (benchmarks/results/2026-11-25_cpu_1core_session16.md, with the accuracies over seeds). The
-    fused kernels are the same algorithms in other float operations: a DANN run
-    (MNIST2000->USPS1800, 60 steps) differs in the seventh digit of the domain loss, and fused
-    Adam differs from the first steps. So a run with a given seed is not bit for bit the one it
-    was before this change, as it is not on another machine; runs compare over seeds. Over six
-    seeds of source-only on SVHN->MNIST (1,500 steps of 64, 5,000 MNIST train images held out;
-    sessions 15-17) fused minus default reads +0.5 +- 2.2 points on test and -0.1 +- 1.5 held
-    out: no shift that seeds can see (2026-11-25_cpu_1core_session17.md). A
-    checkpoint stores the choice with the optimizer state, so a run resumed from an older
-    checkpoint goes on with the kernels it started with, and a resume stays exact. A torch
-    without the fused kernel for a device (the CPU ones are recent) gets its default kernels
-    (``make_optimizer``).
-    """
-    return bool(params) and all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
-
-
-def make_optimizer(spec: OptimSpec, groups: list[dict[str, Any]], fused: bool = True) -> torch.optim.Optimizer:
-    """The optimizer ``spec`` names (Adam or SGD, its lr, betas or momentum, weight decay) over
-    ``groups``; with ``fused`` (the default), torch's fused kernel where ``fused_ok`` allows it
-    and this torch has it."""
-    if spec.kind == "adam":
-        cls, kw = torch.optim.Adam, {"betas": spec.betas}
-    else:
-        cls, kw = torch.optim.SGD, {"momentum": spec.momentum}
-    kw.update(lr=spec.lr, weight_decay=spec.weight_decay)
-    if fused and fused_ok([p for g in groups for p in g["params"]]):
-        try:
-            return cls(groups, fused=True, **kw)
-        except (TypeError, RuntimeError):  # a torch older than its fused kernel for this device
-            pass
-    return cls(groups, **kw)
-
-
-def build_optimizers(method: Method, total: int):
-    specs = method.optimizers()
-    owned = [n for s in specs.values() for n in s.nets]
-    if len(owned) != len(set(owned)) or set(owned) - set(method.nets):
-        raise ValueError(f"{method.name}: every network must belong to at most one optimizer group ({specs})")
-    optims, scheds, params = {}, {}, {}
-    for gname, s in specs.items():
-        groups = [{"params": list(method.nets[n].parameters()), "lr": s.lr * s.lr_mult.get(n, 1.0)} for n in s.nets]
-        groups = [g for g in groups if g["params"]]
-        params[gname] = [p for g in groups for p in g["params"]]
-        optims[gname] = opt = make_optimizer(s, groups)
-        scheds[gname] = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s, total))
-    return specs, optims, scheds, params
 
 
 # ---- signals ---------------------------------------------------------------------------------------
@@ -210,52 +101,29 @@ class StopFlag:
 
 # ---- the loop ----------------------------------------------------------------------------------
 
-def _domain_split(text: str, default_attr: str) -> tuple[DomainSpec, str]:
-    name, split = parse_domain(text)
-    spec = get_domain(name)
-    return spec, resolve_split(spec, split, getattr(spec, default_attr))
-
-
-def resolve_run(opts: TrainOptions) -> tuple[type[Method], MethodConfig, int, int]:
-    cls = get_method(opts.method)
-    cfg = method_config(opts.method, opts.params)
-    return cls, cfg, opts.steps or cfg.steps, opts.batch_size or cfg.batch_size
-
-
-def _find_resume(opts: TrainOptions, ckpt_dir: Path) -> Path | None:
-    if opts.resume is None:
-        if ckpt.holds_run(ckpt_dir.parent):
-            raise ConfigError(
-                f"{ckpt_dir.parent} already holds a run; pass --resume auto to continue it or --out for a new run folder"
-            )
-        return None
-    if opts.resume == "auto":
-        return ckpt.resolve_checkpoint(ckpt_dir.parent) if ckpt.holds_run(ckpt_dir.parent) else None
-    return ckpt.resolve_checkpoint(Path(opts.resume))
-
-
 def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (), interactive: bool | None = None,
           console_print: Callable[[str], None] | None = None) -> RunResult:
-    cls, cfg, total, batch_size = resolve_run(opts)
-    src_spec, src_split = _domain_split(opts.src, "train_split")
-    tgt_spec, tgt_split = _domain_split(opts.tgt, "train_split")
+    src_spec, src_split = domain_split(opts.src, "train_split")
+    tgt_spec, tgt_split = domain_split(opts.tgt, "train_split")
     tgt_eval_split = tgt_spec.eval_split
-    if src_spec.task != tgt_spec.task or src_spec.classes != tgt_spec.classes:
-        raise ConfigError(f"{src_spec.name} and {tgt_spec.name} do not share a task and classes; pick domains of the same task")
-    if src_spec.image_size != tgt_spec.image_size:
+    check_pair(src_spec, tgt_spec)
+    cls, cfg, total, batch_size = resolve_run(opts, src_spec.task, (src_spec.name, tgt_spec.name))
+    if src_spec.task == "classification" and src_spec.image_size != tgt_spec.image_size:
         raise ConfigError(f"{src_spec.name} and {tgt_spec.name} have different image sizes")
+    sizes = run_sizes(opts, src_spec, tgt_spec)
     spec = RunSpec(task=src_spec.task, classes=src_spec.classes,
                    channels=cls.input_channels(cfg, src_spec.channels, tgt_spec.channels),
-                   image_size=src_spec.image_size, domains=(src_spec.name, tgt_spec.name))
+                   image_size=tuple(sizes["tgt"]), domains=(src_spec.name, tgt_spec.name),
+                   class_subsets=tuple((dict(src_spec.class_subsets) | dict(tgt_spec.class_subsets)).items()))
 
     run_dir = opts.run_dir()
     ckpt_dir = run_dir / "checkpoints"
     dist = distributed.setup(opts.device)  # one process, or the process group of this launch
     world = dist.world_size
-    resume_from = _find_resume(opts, ckpt_dir)
+    resume_from = find_resume(opts, ckpt_dir)
     resume_meta = ckpt.read_metadata(resume_from) if resume_from else None
     if resume_meta:
-        _check_resume_compatible(resume_meta, opts, cfg, batch_size, resume_from, world)
+        check_resume_compatible(resume_meta, opts, cfg, batch_size, resume_from, world)
         if resume_meta["step"] > total:
             raise ConfigError(f"{resume_from} is at step {resume_meta['step']}, past --steps {total}; pass --steps "
                               f"{resume_meta['step']} or more, or evaluate it with uda evaluate {resume_from}")
@@ -270,20 +138,9 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
     autocast = autocast_for(device, opts.precision)
     seed_everything(opts.seed)
 
-    # Data: each split read once, converted once, kept once (on the device), however many
-    # roles it plays (source, target, evaluation).
-    loaded: dict[tuple[str, str], InMemoryDomain] = {}
-
-    def load(s, sp: str) -> InMemoryDomain:
-        if (s.name, sp) not in loaded:
-            loaded[s.name, sp] = InMemoryDomain(f"{s.name}:{sp}", *load_domain(
-                s.name, sp, opts.data_root, channels=spec.channels, size=spec.image_size)).to(device)
-        return loaded[s.name, sp]
-
-    src = load(src_spec, src_split)
-    tgt = load(tgt_spec, tgt_split)
-    tgt_eval = load(tgt_spec, tgt_eval_split)
-    batches = PairedBatches(src, tgt, batch_size, seed=opts.seed, world_size=world, rank=dist.rank)
+    data = build_data(opts, spec, src_spec, src_split, tgt_spec, tgt_split, tgt_eval_split, sizes, batch_size,
+                      dist, device)
+    batches, tgt = data.batches, data.target
 
     method = build_method(opts.method, cfg, spec)
     method.total_steps = total  # for schedules inside a method (e.g. DANN's reversal ramp)
@@ -344,6 +201,7 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
         "src": f"{src_spec.name}:{src_split}",
         "tgt": f"{tgt_spec.name}:{tgt_split}",
         "tgt_eval": f"{tgt_spec.name}:{tgt_eval_split}",
+        "sizes": data.sizes,  # (H, W) of the source, the target and the crop as trained
     }
     if dist.is_main:
         ckpt.atomic_write_bytes(run_dir / "config.json", (json.dumps(
@@ -366,7 +224,7 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
         return ckpt_dir / f"{ckpt.step_name(step)}.safetensors"
 
     def evaluate(step: int) -> dict[str, Any]:
-        report = evaluate_classifier(method, tgt_eval.images, tgt_eval.labels, 512, autocast, dist)
+        report = data.evaluate(method, autocast, dist)
         logger.eval(step, meta["tgt_eval"], report)
         return {"domain": meta["tgt_eval"], **report}
 
@@ -498,33 +356,3 @@ def _restore_rng(state: dict[str, Any], dist: "distributed.Dist", seed: int, ste
     saved = max(len(by_rank), 1)
     return (f"the checkpoint was written by {saved} process(es), this run has {dist.world_size}: same data order, "
             f"fresh dropout/noise random streams (not bit-identical to an uninterrupted run)")
-
-
-def write_eval(folder: Path, domain: str, step: int, report: dict[str, Any], checkpoint: Path | None) -> Path:
-    path = folder / f"{flat_name(domain)}_step{step:08d}.json"  # the payload has the domain itself
-    payload = {"domain": domain, "step": step, "checkpoint": str(checkpoint) if checkpoint else None, **report}
-    ckpt.atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())
-    return path
-
-
-def _check_resume_compatible(meta: dict[str, Any], opts: TrainOptions, cfg: MethodConfig, batch_size: int,
-                             path: Path, world_size: int = 1) -> None:
-    saved = meta.get("options", {})
-    diffs = []
-    if meta["method"] != opts.method:
-        diffs.append(f"method {meta['method']} vs {opts.method}")
-    for k in ("src", "tgt", "seed"):
-        if saved.get(k) != getattr(opts, k):
-            diffs.append(f"{k} {saved.get(k)} vs {getattr(opts, k)}")
-    # What must match is the global batch (per-rank batch x ranks): it fixes the data order.
-    saved_world = int(saved.get("world_size", 1))
-    if saved.get("batch_size", 0) * saved_world != batch_size * world_size:
-        if saved_world == 1 and world_size == 1:
-            diffs.append(f"batch size {saved.get('batch_size')} vs {batch_size}")
-        else:
-            diffs.append(f"global batch size {saved.get('batch_size')} x {saved_world} processes vs "
-                         f"{batch_size} x {world_size}")
-    if meta["config"] != cfg.model_dump(mode="json"):
-        diffs.append("method hyperparameters")
-    if diffs:
-        raise CheckpointError(f"cannot resume from {path}: it differs in {'; '.join(diffs)}; use the same options or a new --out")

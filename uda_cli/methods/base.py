@@ -110,6 +110,9 @@ class RunSpec:
     channels: int
     image_size: tuple[int, int]
     domains: tuple[str, ...] = ()  # (source, target) names, for choices such as a backbone
+    # Segmentation: named subsets of the classes (train ids) reported besides all of them
+    # (SYNTHIA's "16" and "13" of the Cityscapes 19).
+    class_subsets: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -120,12 +123,14 @@ class RunSpec:
         d["classes"] = list(self.classes)
         d["image_size"] = list(self.image_size)
         d["domains"] = list(self.domains)
+        d["class_subsets"] = [[n, list(ids)] for n, ids in self.class_subsets]
         return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "RunSpec":
         return cls(task=d["task"], classes=tuple(d["classes"]), channels=int(d["channels"]),
-                   image_size=tuple(d["image_size"]), domains=tuple(d.get("domains", ())))
+                   image_size=tuple(d["image_size"]), domains=tuple(d.get("domains", ())),
+                   class_subsets=tuple((n, tuple(ids)) for n, ids in d.get("class_subsets", ())))
 
 
 @dataclass
@@ -161,6 +166,12 @@ class Method:
         self.total_steps: int = config.steps  # the engine sets the run's real total before training
 
     # ---- what a method implements ------------------------------------------------------
+    @classmethod
+    def task_defaults(cls, task: str, domains: tuple[str, ...]) -> dict[str, Any]:
+        """Hyperparameters that differ by task (a DeepLab recipe for segmentation, a digits one
+        for classification); the user's ``--set`` and ``[params]`` win over them."""
+        return {}
+
     @classmethod
     def input_channels(cls, config: MethodConfig, src_channels: int, tgt_channels: int) -> int:
         """Channels a run uses: colour if either domain is colour (grey is repeated), or one

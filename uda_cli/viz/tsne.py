@@ -257,7 +257,7 @@ def _resolve(text: str, run: RunSpec) -> tuple[DomainSpec, str]:
 
 
 def run_tsne(opts: TsneOptions, interactive: bool | None = None) -> TsneResult:
-    from uda_cli.engine.trainer import load_method, run_data_root
+    from uda_cli.engine.setup import load_method, run_data_root
 
     weights = ckpt.resolve_checkpoint(opts.target)
     meta = ckpt.read_metadata(weights)
