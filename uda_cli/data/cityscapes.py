@@ -51,11 +51,11 @@ def _cities(path: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
 
 
-def _listing(root: Path, suffix: str) -> dict[str, Path]:
+def _listing(root: Path, suffix: str) -> dict[str, str]:
     """``{stem: path}`` over ``root/<city>/*<suffix>``, in city then name order."""
     from uda_cli.data.gta5 import list_files
 
-    out: dict[str, Path] = {}
+    out: dict[str, str] = {}
     for city in _cities(root):
         files = list_files(root / city, suffix)
         for stem in sorted(files):
