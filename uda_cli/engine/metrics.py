@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -15,12 +15,14 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int)
 
 
 def classification_report(cm: torch.Tensor, classes: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """Top-1 accuracy, mean class accuracy and per-class accuracy from ``cm`` (rows true)."""
     cm = cm.to(torch.float64).cpu()
     support = cm.sum(1)
     correct = cm.diag()
     per_class = torch.where(support > 0, correct / support.clamp(min=1), torch.full_like(support, float("nan")))
     present = support > 0
     return {
+        "metric": "accuracy",  # the headline key of this report
         "accuracy": float(correct.sum() / cm.sum().clamp(min=1)),
         "mean_class_accuracy": float(per_class[present].mean()) if present.any() else float("nan"),
         "num_samples": int(cm.sum()),
@@ -28,6 +30,66 @@ def classification_report(cm: torch.Tensor, classes: tuple[str, ...] | list[str]
         "classes": list(classes),
         "confusion_matrix": cm.to(torch.int64).tolist(),
     }
+
+
+def _nanmean(values: torch.Tensor) -> float | None:
+    """Mean over the finite entries; None when there are none (strict JSON has no NaN)."""
+    keep = ~torch.isnan(values)
+    return float(values[keep].mean()) if keep.any() else None
+
+
+Subsets = Iterable[tuple[str, Iterable[int]]] | Mapping[str, Iterable[int]]
+
+
+def segmentation_report(cm: torch.Tensor, classes: tuple[str, ...] | list[str],
+                        subsets: Subsets = ()) -> dict[str, Any]:
+    """Per-class IoU, mIoU, pixel accuracy and mean class accuracy from one confusion matrix
+    accumulated over the whole evaluation set (rows: true class, columns: predicted class;
+    ignored pixels already left out), as the segmentation UDA papers report them.
+
+    IoU of class c is TP / (TP + FP + FN) = cm[c, c] / (row c + column c - cm[c, c]),
+    cityscapesScripts' ``getIouScoreForLabel`` and ADVENT/CRST's ``per_class_iu``. Because
+    ignored ground-truth pixels never enter ``cm``, a prediction on them is no false positive,
+    as in cityscapesScripts (FP counts only non-ignored ground truth). A class with
+    TP + FP + FN = 0 (absent from both labels and predictions) has no IoU: it is None here
+    (NaN there) and left out of every mean, as cityscapesScripts' ``getScoreAverage`` (averages
+    the non-NaN scores) and ADVENT's ``np.nanmean`` do. A class predicted somewhere but
+    absent from the labels has IoU 0 and counts. ``miou`` is the mean over the classes with
+    an IoU; ``miou_<name>`` the same over each subset of train ids in ``subsets`` (SYNTHIA's
+    "16" and "13", from ``DomainSpec.class_subsets``); ``mean_class_accuracy`` averages
+    TP / (TP + FN) over the classes present in the labels. Values are fractions in [0, 1]
+    (the papers print percentages); an undefined mean is None.
+    """
+    cm64 = cm.to(torch.float64).cpu()
+    k = len(classes)
+    if tuple(cm64.shape) != (k, k):
+        raise ValueError(f"confusion matrix of shape {tuple(cm64.shape)} for {k} classes")
+    tp = cm64.diag()
+    support = cm64.sum(1)  # TP + FN: pixels labelled c
+    union = support + cm64.sum(0) - tp  # TP + FN + FP
+    nan = torch.full_like(tp, float("nan"))
+    iou = torch.where(union > 0, tp / union.clamp(min=1), nan)
+    acc = torch.where(support > 0, tp / support.clamp(min=1), nan)
+    total = float(cm64.sum())
+    report: dict[str, Any] = {
+        "metric": "miou",  # the headline key of this report
+        "miou": _nanmean(iou),
+    }
+    for name, ids in (subsets.items() if isinstance(subsets, Mapping) else subsets):
+        ids = list(ids)
+        if any(not 0 <= i < k for i in ids):
+            raise ValueError(f"class subset {name!r} names train ids outside 0..{k - 1}: {ids}")
+        report[f"miou_{name}"] = _nanmean(iou[ids])
+    report.update({
+        "pixel_accuracy": float(tp.sum()) / total if total else None,
+        "mean_class_accuracy": _nanmean(acc),
+        "num_pixels": int(total),
+        "per_class_iou": {c: (None if torch.isnan(iou[i]) else float(iou[i])) for i, c in enumerate(classes)},
+        "per_class_accuracy": {c: (None if torch.isnan(acc[i]) else float(acc[i])) for i, c in enumerate(classes)},
+        "classes": list(classes),
+        "confusion_matrix": cm.to(torch.int64).cpu().tolist(),
+    })
+    return report
 
 
 @torch.no_grad()
