@@ -223,7 +223,8 @@ def evaluate_segmentation(method, source: DenseSource, size: tuple[int, int],
             for out_size, js in groups.items():
                 xs = x if len(js) == len(labels) else x[js]
                 pred = predict_logits(method, xs, out_size, flip=flip, scales=scales, autocast=autocast).argmax(1)
-                target = torch.stack([labels[j] for j in js]).to(device, non_blocking=True)
+                # each label leaves pinned memory as it is (a stack on the host would be unpinned)
+                target = torch.stack([labels[j].to(device, non_blocking=True) for j in js])
                 _accumulate(cm_flat, pred, target, k)
                 if writer is not None:
                     host = pred.to(torch.uint8).cpu().numpy()  # the one sync saving needs
