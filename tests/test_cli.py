@@ -189,7 +189,8 @@ def test_a_write_that_fails_mid_run_keeps_the_last_checkpoint_and_resumes(tmp_pa
     args = ["train", "--method", "source-only", "--src", "tiny-src", "--tgt", "tiny-tgt", "--steps", "12",
             "--batch-size", "4", "--device", "cpu", "--save-every", "5", "--out", str(run_dir)]
     code, _, err = run(args, capsys)
-    lines = err.strip().splitlines()
+    header, *lines = err.strip().splitlines()  # the run's header line comes first
+    assert header.startswith("source-only: tiny-src:train -> tiny-tgt:train | networks F ")
     assert code == 1 and len(lines) == 1, err
     state = run_dir / "checkpoints" / "step-00000010.state.safetensors"
     assert lines[0] == (f"error: could not write {state}: No space left on device; check that the folder is "

@@ -152,6 +152,17 @@ def parse_scale(text: str) -> tuple[float, float]:
     return lo, hi
 
 
+def parse_scales(text: str) -> tuple[float, ...]:
+    """``"0.75,1,1.25"`` -> ``(0.75, 1.0, 1.25)``: the scales of multi-scale testing, each > 0."""
+    try:
+        scales = tuple(float(p) for p in text.split(","))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a list of scales; write e.g. 0.75,1,1.25") from None
+    if not scales or any(x <= 0 for x in scales):
+        raise ValueError(f"{text!r}: scales are positive numbers, e.g. 0.75,1,1.25")
+    return scales
+
+
 class EvaluateOptions(Options):
     target: Path = Field(description="a run folder or a checkpoint file")
     domain: str | None = Field(default=None, description="NAME[:split]; default: the run's target test split")
@@ -160,8 +171,36 @@ class EvaluateOptions(Options):
     device: str = "auto"
     precision: Precision | None = Field(default=None, description="default: the precision the run trained in")
     batch_size: int = Field(default=512, gt=0)
+    # Segmentation only.
+    size: str | None = Field(default=None, description="WxH images are resized to before the network (default: "
+                                                       "the run's target size)")
+    flip: bool = Field(default=False, description="average with the horizontally flipped prediction")
+    scales: str | None = Field(default=None, description="multi-scale testing, e.g. 0.75,1,1.25 (default: 1)")
+    save_predictions: Path | None = Field(default=None, description="write per-image label-id PNGs and colour previews here")
+    workers: int | None = Field(default=None, ge=0, description="data loader workers (default: up to 4)")
 
     _device = field_validator("device")(_check_device)
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_size(v)
+        return v
+
+    @field_validator("scales")
+    @classmethod
+    def _scales(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_scales(v)
+        return v
+
+    @field_validator("save_predictions")
+    @classmethod
+    def _save_dir(cls, v: Path | None) -> Path | None:
+        if v is not None and v.exists() and not v.is_dir():
+            raise ValueError(f"{v} is a file; pass a folder for the predictions")
+        return v
 
     @field_validator("domain")
     @classmethod

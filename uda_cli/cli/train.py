@@ -40,8 +40,14 @@ def train(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Method hyperparameter name=value (repeatable).", show_default=False)] = None,
     save_every: Annotated[Optional[int], typer.Option("--save-every", help="Checkpoint every N steps [1000].", show_default=False)] = None,
     eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Evaluate on the target every N steps, 0 never [1000].", show_default=False)] = None,
-    keep_checkpoints: Annotated[Optional[int], typer.Option("--keep-checkpoints", help="Periodic checkpoints kept, the latest always; 0 keeps every one (for benchmarks/curves.py --domain) [3].", show_default=False)] = None,
+    keep_checkpoints: Annotated[Optional[int], typer.Option("--keep-checkpoints", help="Periodic checkpoints kept, the latest always; 0 keeps every one (for tools/curves.py --domain) [3].", show_default=False)] = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="'auto' continues the run in --out if it has a checkpoint; or a checkpoint path.", show_default=False)] = None,
+    src_size: Annotated[Optional[str], typer.Option("--src-size", help="Segmentation: WxH the source images are resized to [the domain's: GTA5 1280x720, SYNTHIA 1280x760, Cityscapes 1024x512, digit scenes 64x64].", show_default=False)] = None,
+    tgt_size: Annotated[Optional[str], typer.Option("--tgt-size", help="Segmentation: WxH the target images are resized to [the domain's].", show_default=False)] = None,
+    crop: Annotated[Optional[str], typer.Option("--crop", help="Segmentation: WxH random training crop, after --scale (CRST: 1024x512) [none].", show_default=False)] = None,
+    scale: Annotated[Optional[str], typer.Option("--scale", help="Segmentation: LO,HI random scale before the crop (CRST: 0.5,1.5) [none].", show_default=False)] = None,
+    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Segmentation: random horizontal flips [no].", show_default=False)] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Segmentation: data loader workers per domain [up to 4, one less than the CPUs].", show_default=False)] = None,
     log_format: Annotated[Optional[LogFormat], typer.Option("--log-format", envvar="UDA_LOG_FORMAT", help="auto: a progress bar on a terminal, plain lines elsewhere; text; json: one JSON object per log line (stderr) and the result as JSON (stdout) [auto].", show_default=False)] = None,
 ) -> None:
     """Train METHOD on labelled SRC and unlabelled TGT, then print the target accuracy."""
@@ -50,7 +56,8 @@ def train(
     flags = dict(method=method, src=src, tgt=tgt, steps=steps, batch_size=batch_size, seed=seed, out=out,
                  data_root=data_root, device=device,
                  precision=precision.value if precision else None, save_every=save_every, eval_every=eval_every,
-                 keep_checkpoints=keep_checkpoints, resume=resume, log_format=log_format.value if log_format else None)
+                 keep_checkpoints=keep_checkpoints, resume=resume, log_format=log_format.value if log_format else None,
+                 src_size=src_size, tgt_size=tgt_size, crop=crop, scale=scale, flip=flip, workers=workers)
     opts = merge_train_options(config, flags, parse_set(set_))
 
     from uda_cli.engine.trainer import train as run_train  # torch is imported from here on
@@ -72,13 +79,19 @@ def _report(result, opts) -> None:
         summary = {"kind": "result", "run_dir": str(result.run_dir), "checkpoint": str(result.checkpoint),
                    "step": result.step, "method": opts.method, "src": opts.src, "tgt": opts.tgt, "seed": opts.seed,
                    "world_size": result.world_size}
-        summary.update({k: report[k] for k in ("domain", "accuracy", "mean_class_accuracy", "num_samples") if k in report})
+        summary.update({k: v for k, v in report.items() if k in ("domain", "metric", "accuracy", "mean_class_accuracy",
+                                                                   "num_samples", "miou", "num_images")
+                        or k.startswith("miou_")})
         print(json.dumps(summary))
         sys.stdout.flush()
         return
     print(f"run folder: {result.run_dir}")
     print(f"checkpoint: {result.checkpoint}")
-    if report:
+    if report and report.get("metric") == "miou":
+        extra = "".join(f", {k[5:]} classes {100 * v:.2f}" for k, v in report.items() if k.startswith("miou_") and v is not None)
+        print(f"target mIoU ({report.get('domain', opts.tgt)}): {100 * report['miou']:.2f}{extra} "
+              f"(pixel accuracy {100 * report['pixel_accuracy']:.2f}%, {report['num_images']} images, step {result.step})")
+    elif report:
         print(f"target accuracy ({report.get('domain', opts.tgt)}): {100 * report['accuracy']:.2f}% "
               f"(mean over classes {100 * report['mean_class_accuracy']:.2f}%, {report['num_samples']} images, step {result.step})")
     sys.stdout.flush()

@@ -32,14 +32,23 @@ def evaluate_checkpoint(opts: EvaluateOptions, loaded: dict | None = None) -> tu
     device = dist.device
     method, meta = load_method(weights, device)
     opts = opts.model_copy(update={"data_root": run_data_root(opts.data_root, meta)})
-    if method.spec.task != "classification":
-        raise ConfigError(f"{weights} is a {method.spec.task} checkpoint; `uda evaluate` reports classification only so far")
     domain_text = opts.domain or meta.get("tgt_eval") or meta["options"]["tgt"]
     name, split = parse_domain(domain_text)
     spec = get_domain(name)
     split = resolve_split(spec, split, spec.eval_split)
+    if spec.task != method.spec.task:
+        raise ConfigError(f"{name} is a {spec.task} domain and {weights} a {method.spec.task} checkpoint; pick a "
+                          f"{method.spec.task} domain")
     if spec.classes != method.spec.classes:
         raise ConfigError(f"{name} has classes {spec.classes}, the checkpoint {method.spec.classes}; pick a domain of the same classes")
+    if method.spec.task == "segmentation":
+        return _evaluate_dense(opts, method, meta, weights, name, split, dist, device)
+    for flag in ("size", "scales", "save_predictions"):
+        if getattr(opts, flag) is not None:
+            raise ConfigError(f"--{flag.replace('_', '-')} applies to segmentation checkpoints; {weights} is a "
+                              "classification one")
+    if opts.flip:
+        raise ConfigError(f"--flip applies to segmentation checkpoints; {weights} is a classification one")
     key = (name, split, str(opts.data_root), method.spec.channels, tuple(method.spec.image_size))
     cache = loaded if loaded is not None else {}
     if key not in cache:
@@ -61,3 +70,40 @@ def evaluate_checkpoint(opts: EvaluateOptions, loaded: dict | None = None) -> tu
     elif weights.parent.name == "checkpoints":
         written = write_eval(weights.parent.parent / "eval", f"{name}:{split}", meta["step"], report, weights)
     return report, written
+
+
+def _evaluate_dense(opts: EvaluateOptions, method, meta: dict[str, Any], weights: Path, name: str, split: str, dist,
+                    device) -> tuple[dict[str, Any], Path | None]:
+    """mIoU of a segmentation checkpoint on ``name:split`` (see ``engine/seg_eval.py``)."""
+    from uda_cli.config import parse_scales, parse_size
+    from uda_cli.data.registry import load_dense
+    from uda_cli.engine.seg_eval import evaluate_segmentation
+    from uda_cli.engine.setup import default_workers, write_eval
+
+    if opts.save_predictions is not None and dist.is_main:
+        ckpt.make_folder(opts.save_predictions, "the --save-predictions folder",
+                         "pass --save-predictions a folder you can write to")
+    source = load_dense(name, split, opts.data_root)
+    if not source.labelled:
+        raise ConfigError(f"{name}:{split} has no labels to score; pick a labelled split, e.g. --domain "
+                          f"{name}:{get_domain(name).eval_split}")
+    size = parse_size(opts.size) if opts.size else tuple(method.spec.image_size)
+    scales = parse_scales(opts.scales) if opts.scales else (1.0,)
+    precision = opts.precision or meta["options"].get("precision") or "auto"
+    configure_backends(device, precision)
+    spec = get_domain(name)
+    subsets = dict(method.spec.class_subsets) | dict(spec.class_subsets)
+    report = evaluate_segmentation(
+        method, source, size, autocast_for(device, precision), dist, flip=opts.flip, scales=scales,
+        num_workers=default_workers() if opts.workers is None else opts.workers, save_dir=opts.save_predictions,
+        subsets=tuple(subsets.items()), device=device)
+    report = {"method": meta["method"], "checkpoint": str(weights), "step": meta["step"], "domain": f"{name}:{split}",
+              "precision": resolve_precision(device, precision), **report}
+    if not dist.is_main:
+        return report, None
+    if opts.json_path:
+        ckpt.atomic_write_bytes(opts.json_path, (json.dumps(report, indent=2) + "\n").encode())
+        return report, opts.json_path
+    if weights.parent.name == "checkpoints":
+        return report, write_eval(weights.parent.parent / "eval", f"{name}:{split}", meta["step"], report, weights)
+    return report, None

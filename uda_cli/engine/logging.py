@@ -134,13 +134,19 @@ class RunLogger:
     def eval(self, step: int, domain: str, report: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        record = {"kind": "eval", "step": step, "time": time.time(), "domain": domain,
-                  "accuracy": report["accuracy"], "mean_class_accuracy": report["mean_class_accuracy"]}
+        record = {"kind": "eval", "step": step, "time": time.time(), "domain": domain}
+        if report.get("metric") == "miou":
+            record.update({k: v for k, v in report.items() if k.startswith("miou") or k == "pixel_accuracy"})
+        else:
+            record.update(accuracy=report["accuracy"], mean_class_accuracy=report["mean_class_accuracy"])
         self.write(record)
         if self.json:
             self._emit_json(record)
             return
-        self.info(f"step {step}: {domain} accuracy {100 * report['accuracy']:.2f}%")
+        if report.get("metric") == "miou":
+            self.info(f"step {step}: {domain} mIoU {100 * report['miou']:.2f}")
+        else:
+            self.info(f"step {step}: {domain} accuracy {100 * report['accuracy']:.2f}%")
 
     def info(self, msg: str) -> None:
         if not self.enabled:

@@ -239,6 +239,7 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
         # DTN's frozen f during pretraining): torch's "scheduler before optimizer" warning does
         # not apply. Filtered once for the loop, not per step.
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+        logger.info(_header(opts, meta, method, spec, device, total, batch_size, world, run_dir))
         if world > 1:
             logger.info(f"distributed: {dist.describe()}; {batch_size} images per domain per process, "
                         f"global batch {global_batch} per domain per step")
@@ -323,6 +324,22 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
             logger.info(f"stop signal {result.late_signal} came after the last step; the run is complete "
                         f"(checkpoint {result.checkpoint})")
     return result
+
+
+def _header(opts, meta, method, spec, device, total, batch_size, world, run_dir) -> str:
+    """The run in one line, before its first step: what trains on what, where, and how long."""
+    nets = ", ".join(f"{n} {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M" for n, m in method.nets.items())
+    model = getattr(method.cfg, "model", "auto")
+    net = f"{model} ({nets})" if spec.task == "segmentation" and model != "auto" else nets
+    sizes = ""
+    if spec.task == "segmentation":
+        sz = meta["sizes"]
+        sizes = f" | sizes {sz['src'][1]}x{sz['src'][0]} -> {sz['tgt'][1]}x{sz['tgt'][0]}"
+        if "crop" in sz:
+            sizes += f", crop {sz['crop'][1]}x{sz['crop'][0]}"
+    batch = f"batch {batch_size}" + (f" x {world} processes" if world > 1 else "")
+    return (f"{opts.method}: {meta['src']} -> {meta['tgt']} | networks {net} | {device} "
+            f"{resolve_precision(device, opts.precision)} | {batch}{sizes} | {total} steps | {run_dir}")
 
 
 def _checkpoint_note(ckpt_dir: Path) -> str:

@@ -12,15 +12,27 @@ on the 2,000-image ADDA subset that is 128 epochs, the training loss is ~0.01, a
 reaches the published M->U number (measured 74.6-76.8% over seeds, benchmarks/digits.py
 --budget cpu), while the first run on a laptop takes minutes instead of most of an hour.
 ``--steps 10000`` (the benchmark's ``paper`` budget) gives ADDA's length.
+
+Segmentation: the same objective per pixel, CE(F(x_s) upsampled to the label, y_s) with
+255 ignored, on a segmentation network F (``--set model=``: ``deeplabv2_r101`` by default,
+``fcn8s_vgg16``, or ``deeplabv2_small`` for digit scenes). Defaults are DeepLab's recipe as
+ADVENT trains its source model: SGD lr 2.5e-4 (10x on the classifier), momentum 0.9,
+weight decay 5e-4, poly 0.9, batch 1, 120,000 steps (ADVENT's early stop), ImageNet weights.
+Logits are upsampled bilinearly with align_corners=True, as ADVENT and CRST do.
+Departure: digit scenes (a domain that names ``deeplabv2_small`` as its model) train with
+Adam 1e-3, batch 16, 1,500 steps and no pretrained weights, measured in
+``benchmarks/segmentation.py``; a CPU reaches a stable mIoU in minutes (docs/methods/source-only.md).
+The target oracle is this method with the target as the source.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch.nn.functional as F
 from pydantic import Field
 
+from uda_cli.errors import ConfigError
 from uda_cli.methods.base import Method, MethodConfig
 from uda_cli.methods.registry import register_method
 from uda_cli.models.digits import digit_backbone
@@ -36,18 +48,88 @@ class SourceOnly(Method):
             "auto", description="auto: the DANN SVHN network when SVHN is involved, else LeNet"
         )
         weight_decay: float = 2.5e-5
+        model: str = Field("auto", description="segmentation network (deeplabv2_r101, fcn8s_vgg16, deeplabv2_small); "
+                                               "auto: the domain's own choice, else deeplabv2_r101")
+        pretrained: str = Field("auto", description="segmentation initialisation: imagenet, none, or a .safetensors "
+                                                    "file; auto: imagenet for the big networks, none for the small")
+
+    tasks = {"classification", "segmentation"}
+
+    @classmethod
+    def task_defaults(cls, task: str, domains: tuple[str, ...]) -> dict[str, Any]:
+        if task != "segmentation":
+            return {}
+        return segmentation_defaults(domains)
 
     def build(self):
+        if self.spec.task == "segmentation":
+            return {"F": build_segmentation_net(self.cfg, self.spec)}
+        if self.cfg.model != "auto":
+            raise ConfigError("--set model applies to segmentation runs; a digit run picks its network with "
+                              "--set backbone=lenet|svhn")
         f, c = digit_backbone(self.cfg.backbone, self.spec.channels, self.spec.num_classes, self.spec.domains)
         return {"F": f, "C": c}
 
     def train_step(self, batch, step):
-        loss = F.cross_entropy(self.nets["C"](self.nets["F"](batch["x_s"])), batch["y_s"])
+        if self.spec.task == "segmentation":
+            loss = segmentation_loss(self.nets["F"](batch["x_s"]), batch["y_s"])
+        else:
+            loss = F.cross_entropy(self.nets["C"](self.nets["F"](batch["x_s"])), batch["y_s"])
         self.update("main", loss)
         return {"c/cls": loss.detach()}
 
     def predict(self, x):
+        if self.spec.task == "segmentation":
+            return self.nets["F"](x)
         return self.nets["C"](self.nets["F"](x))
 
     def features(self, x):
+        if self.spec.task == "segmentation":
+            return self.nets["F"].features(x)
         return self.nets["F"](x)
+
+
+# ---- shared by the segmentation methods ---------------------------------------------------------
+
+# DeepLab-v2 as ADVENT trains its source model (advent/domain_adaptation/config.py).
+DEEPLAB_RECIPE = {"optimizer": "sgd", "lr": 2.5e-4, "momentum": 0.9, "weight_decay": 5e-4, "lr_schedule": "poly",
+                  "batch_size": 1, "steps": 120_000}
+# Digit scenes on a CPU (benchmarks/segmentation.py, docs/methods/source-only.md).
+SMALL_RECIPE = {"optimizer": "adam", "lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.0, "lr_schedule": "constant",
+                "batch_size": 16, "steps": 1_500, "pretrained": "none"}
+
+
+def segmentation_defaults(domains: tuple[str, ...]) -> dict[str, Any]:
+    """The recipe for a pair: the small CPU one where a domain names ``deeplabv2_small`` as its
+    network (the digit scenes do, in their DomainSpec notes), else DeepLab's."""
+    from uda_cli.data.registry import get_domain
+
+    models = {get_domain(d).notes.get("model") for d in domains}
+    if "deeplabv2_small" in models:
+        return {**SMALL_RECIPE, "model": "deeplabv2_small"}
+    return dict(DEEPLAB_RECIPE)
+
+
+def build_segmentation_net(cfg, spec):
+    """The segmentation network ``cfg.model`` (auto: deeplabv2_r101) for ``spec``'s classes."""
+    from uda_cli.models.registry import build_model, model_entry
+
+    name = "deeplabv2_r101" if cfg.model == "auto" else cfg.model
+    if model_entry(name).task != "segmentation":
+        raise ConfigError(f"{name} is a {model_entry(name).task} network; pick a segmentation one with --set model=, "
+                          "e.g. deeplabv2_r101, fcn8s_vgg16, deeplabv2_small")
+    pretrained = cfg.pretrained
+    if pretrained == "auto":
+        pretrained = "none" if name == "deeplabv2_small" else "imagenet"
+    return build_model(name, num_classes=spec.num_classes, pretrained=pretrained)
+
+
+def segmentation_loss(logits, labels, ignore_index: int = 255):
+    """Pixel cross-entropy: logits at the network's stride, upsampled (bilinear,
+    align_corners=True, as ADVENT and CRST) to the labels' size; 255 is ignored."""
+    if logits.shape[-2:] != labels.shape[-2:]:
+        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=True)
+    # Summed over the labelled pixels and divided by their count (at least 1): a crop that holds
+    # only ignored pixels gives 0, where the mean would be NaN.
+    total = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
+    return total / (labels != ignore_index).sum().clamp(min=1)
