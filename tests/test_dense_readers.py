@@ -246,3 +246,142 @@ def test_synthia_half_extracted(tmp_path):
     write(tmp_path / "synthia" / "RAND_CITYSCAPES" / "RGB" / "0000000.png", rgb(5, 4))
     with pytest.raises(DataError, match=r"RAND_CITYSCAPES/GT/LABELS\) folder .* is missing.*run: uda download synthia"):
         load_dense("synthia", "all", data_root=tmp_path)
+
+
+# ---- folder:PATH segmentation ----------------------------------------------------------------
+
+FOLDER_IDS = np.array([[10, 20, 30, 0], [30, 30, 20, 10], [0, 0, 10, 10]], dtype=np.uint8)
+
+
+def seg_folder(root, classes=None):
+    """images/a.png (3x4), images/b.jpg (3x4) with grey labels of the values 10/20/30, 0 unlabelled."""
+    write(root / "images" / "a.png", rgb(3, 4))
+    root.joinpath("images").mkdir(exist_ok=True)
+    Image.fromarray(rgb(3, 4, 1)).save(root / "images" / "b.jpg")
+    write(root / "labels" / "a.png", FOLDER_IDS)
+    write(root / "labels" / "b.png", FOLDER_IDS[::-1].copy())
+    (root / "images" / "notes.txt").write_text("not an image")  # ignored
+    (root / "classes.json").write_text(json.dumps(classes if classes is not None else {
+        "names": ["road", "car", "sky"], "ids": [10, 20, 30], "ignore": [0],
+        "colors": [[128, 64, 128], [0, 0, 142], [70, 130, 180]]}))
+    return root
+
+
+def test_folder_segmentation_reads_classes_json(tmp_path):
+    import pickle
+
+    root = seg_folder(tmp_path / "mine")
+    spec = get_domain(f"folder:{root}")
+    assert (spec.task, spec.classes, spec.channels, spec.image_size, spec.splits) == (
+        "segmentation", ("road", "car", "sky"), 3, (3, 4), ("all",))
+    assert spec.palette == ((128, 64, 128), (0, 0, 142), (70, 130, 180))
+    src = load_dense(spec.name, "all")
+    assert src.stems == ["a", "b"] and src.labelled
+    _image, label = check_sample(src, 0, (3, 4))
+    np.testing.assert_array_equal(label.numpy(), [[0, 1, 2, 255], [2, 2, 1, 0], [255, 255, 0, 0]])
+    check_sample(src, 1, (3, 4))  # the JPEG image
+    again = pickle.loads(pickle.dumps(src))  # DataLoader workers get a copy
+    np.testing.assert_array_equal(again.read(0)[1].numpy(), label.numpy())
+
+
+def test_folder_segmentation_default_ids_palette_and_16_bit_labels(tmp_path):
+    root = tmp_path / "pal"
+    write(root / "images" / "1.png", rgb(2, 3))
+    write(root / "images" / "10.png", rgb(5, 6))  # natural order: 1 before 10; the first sets the size
+    palette_png(root / "labels" / "1.png", [[0, 1, 2], [2, 1, 0]])  # indices, whatever the palette's colours
+    palette_png(root / "labels" / "10.png", np.ones((5, 6)))
+    (root / "classes.json").write_text(json.dumps({"names": ["a", "b", "c"]}))
+    src = load_dense(f"folder:{root}", "all")
+    assert get_domain(f"folder:{root}").image_size == (2, 3) and src.stems == ["1", "10"]
+    np.testing.assert_array_equal(src.read(0)[1].numpy(), [[0, 1, 2], [2, 1, 0]])
+    deep = tmp_path / "deep"
+    write(deep / "images" / "x.png", rgb(2, 2))
+    write(deep / "labels" / "x.png", np.array([[1000, 60000], [1000, 7]], dtype=np.uint16))
+    (deep / "classes.json").write_text(json.dumps({"names": ["a", "b"], "ids": [1000, 60000], "ignore": [7]}))
+    np.testing.assert_array_equal(load_dense(f"folder:{deep}", "all").read(0)[1].numpy(), [[0, 1], [0, 255]])
+
+
+def one_line(excinfo):
+    assert "\n" not in str(excinfo.value)
+    return str(excinfo.value)
+
+
+def test_folder_segmentation_unknown_label_value_names_file_and_value(tmp_path):
+    root = seg_folder(tmp_path / "f", {"names": ["road", "car", "sky"], "ids": [10, 20, 30]})  # no "ignore"
+    src = load_dense(f"folder:{root}", "all")
+    with pytest.raises(DataError, match=r"labels/a.png holds the label value 0, which .*classes.json lists neither "
+                                        r'in "ids" nor in "ignore"') as e:
+        src.read(0)
+    one_line(e)
+
+
+def test_folder_segmentation_pairs_are_checked(tmp_path):
+    root = seg_folder(tmp_path / "size")
+    write(root / "labels" / "b.png", FOLDER_IDS[:2])  # 4x2 for a 4x3 image
+    with pytest.raises(DataError, match=r"labels/b.png is 4x2 but its image b.jpg is 4x3 \(W x H\)") as e:
+        load_dense(f"folder:{root}", "all")
+    one_line(e)
+    root = seg_folder(tmp_path / "nolabel")
+    write(root / "images" / "c.png", rgb(3, 4))
+    with pytest.raises(DataError, match=r"images/c.png has no label: expected .*labels/c.png") as e:
+        load_dense(f"folder:{root}", "all")
+    one_line(e)
+    root = seg_folder(tmp_path / "noimage")
+    write(root / "labels" / "z.png", FOLDER_IDS)
+    with pytest.raises(DataError, match=r"labels/z.png has no image: expected .*images/z.png"):
+        load_dense(f"folder:{root}", "all")
+    root = seg_folder(tmp_path / "twice")
+    write(root / "images" / "b.png", rgb(3, 4))
+    with pytest.raises(DataError, match=r"two files with the stem 'b'"):
+        load_dense(f"folder:{root}", "all")
+    root = seg_folder(tmp_path / "rgblabel")
+    write(root / "labels" / "a.png", rgb(3, 4))
+    with pytest.raises(DataError, match=r"labels/a.png has 3 channels; a label is a one-channel PNG"):
+        load_dense(f"folder:{root}", "all").read(0)
+    root = seg_folder(tmp_path / "jpglabel")
+    Image.fromarray(FOLDER_IDS).save(root / "labels" / "q.jpg")
+    with pytest.raises(DataError, match=r"q.jpg is not a PNG; labels must be lossless PNGs"):
+        load_dense(f"folder:{root}", "all")
+
+
+@pytest.mark.parametrize("classes, message", [
+    ("{not json", r"classes.json is not valid JSON"),
+    ([1, 2], r"classes.json is not a JSON object"),
+    ({"names": []}, r'"names" must be a non-empty list'),
+    ({"names": ["a", "a"]}, r"the class 'a' is named twice"),
+    ({"names": ["a", "b"], "ids": [1]}, r'"ids" must list 2 label values'),
+    ({"names": ["a", "b"], "ids": [1, 1]}, r"the label value 1 is given to two classes"),
+    ({"names": ["a", "b"], "ignore": [1]}, r'the label value 1 is both a class in "ids" and in "ignore"'),
+    ({"names": ["a", "b"], "ignore": "255"}, r'"ignore" must list label values'),
+    ({"names": ["a", "b"], "colors": [[1, 2, 3]]}, r'"colors" must list 2 \[r, g, b\] colours'),
+    ({"names": ["a"], "ignored": [255]}, r"unknown key 'ignored'"),
+])
+def test_folder_segmentation_bad_classes_json(tmp_path, classes, message):
+    root = seg_folder(tmp_path / "bad", classes={"names": ["x"]})
+    (root / "classes.json").write_text(classes if isinstance(classes, str) else json.dumps(classes))
+    with pytest.raises(DataError, match=message) as e:
+        get_domain(f"folder:{root}")
+    assert "classes.json" in one_line(e)
+
+
+def test_folder_segmentation_layout_errors(tmp_path):
+    root = tmp_path / "nocls"
+    write(root / "images" / "a.png", rgb(3, 4))
+    write(root / "labels" / "a.png", FOLDER_IDS)
+    with pytest.raises(ConfigError, match=r"has images/ and labels/ but no classes.json") as e:
+        get_domain(f"folder:{root}")
+    one_line(e)
+    (root / "manifest.json").write_text(json.dumps({"task": "segmentation"}))
+    with pytest.raises(ConfigError, match=r"segmentation folder .* but has no classes.json"):
+        get_domain(f"folder:{root}")
+    root = tmp_path / "nolabels"
+    write(root / "images" / "a.png", rgb(3, 4))
+    (root / "classes.json").write_text(json.dumps({"names": ["a"]}))
+    with pytest.raises(ConfigError, match=r"no labels/ folder"):
+        get_domain(f"folder:{root}")
+    root = tmp_path / "noimages"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    (root / "classes.json").write_text(json.dumps({"names": ["a"]}))
+    with pytest.raises(ConfigError, match=r"images holds no images"):
+        get_domain(f"folder:{root}")

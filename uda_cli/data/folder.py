@@ -30,8 +30,25 @@ resolved path; the cache entry is rebuilt when the folder's or the manifest's mt
 changes. The reader lists the files again each time it runs, so images added after the
 spec was built are read.
 
-Segmentation folders (``images/`` + ``labels/``, what adapt-images will write for LSD-seg)
-come with the segmentation issue; one whose manifest says so is refused here in one line.
+Segmentation folders (task "segmentation"): the user's own image/label pairs, as GTA5 and
+SYNTHIA ship theirs, plus a table of classes::
+
+    PATH/images/<stem>.png|.jpg|.jpeg|.webp   RGB (grey is repeated)
+    PATH/labels/<stem>.png                    one channel (grey or palette indices), 8 or 16 bits
+    PATH/classes.json                         {"names": [...], "ids": [...], "colors": [[r, g, b], ...],
+                                               "ignore": [...]}
+
+``names`` are the classes, in train-id order. ``ids`` (default ``0..K-1``) are the values
+the label PNGs store for each class; a palette PNG's values are its indices, never its
+colours. ``ignore`` lists values that mark unlabelled pixels (read as 255, ignored); any
+other value is a one-line error naming the file and the value. ``colors`` (optional) is the
+palette predictions are drawn in. A folder is read as segmentation when it has
+``classes.json`` (or its manifest says ``"task": "segmentation"``, which then needs one).
+Every image needs its label and every label its image (same stem), at the same size: each
+is checked from the file headers when the split is read, and a mismatch is a one-line error
+naming the file (unlike GTA5's reader, which resizes: a user's own labels of another size
+are more likely a mistake than a rendering quirk). One split, ``all``; the run size is the
+first image's (in natural order of stems).
 """
 
 from __future__ import annotations
@@ -48,6 +65,8 @@ from uda_cli.errors import ConfigError, DataError
 PREFIX = "folder:"
 SPLIT = "all"
 MANIFEST = "manifest.json"
+CLASSES = "classes.json"  # a segmentation folder's classes
+SEG_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")  # what torchvision.io decodes
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 _GREY_MODES = {"1", "L", "I", "I;16", "F", "LA"}
 # PATH:SPLIT where SPLIT is a word, or part of one (all[:100], see registry.split_slice)
@@ -104,9 +123,9 @@ def read_manifest(root: Path) -> dict | None:
     return data
 
 
-def _signature(root: Path) -> tuple[int, int]:
-    m = root / MANIFEST
-    return root.stat().st_mtime_ns, (m.stat().st_mtime_ns if m.is_file() else 0)
+def _signature(root: Path) -> tuple[int, ...]:
+    m, c = root / MANIFEST, root / CLASSES
+    return root.stat().st_mtime_ns, (m.stat().st_mtime_ns if m.is_file() else 0), (c.stat().st_mtime_ns if c.is_file() else 0)
 
 
 def folder_domain(name: str):
@@ -115,7 +134,8 @@ def folder_domain(name: str):
 
     raw = name[len(PREFIX):]
     if not raw:
-        raise ConfigError("folder: needs a path: folder:PATH (one sub-folder per class)")
+        raise ConfigError("folder: needs a path: folder:PATH (one sub-folder per class, or images/, labels/ "
+                          "and classes.json for segmentation)")
     root = Path(raw).expanduser().resolve()
     if not root.is_dir():
         hint = " (folder:PATH has one split, 'all': write folder:PATH or folder:PATH:all)" if ":" in raw else ""
@@ -128,8 +148,17 @@ def folder_domain(name: str):
     manifest = read_manifest(root)
     dirs = _visible_dirs(root)
     task = (manifest or {}).get("task", "classification")
+    if task == "segmentation" or (root / CLASSES).is_file():
+        spec = segmentation_domain(root)
+        _CACHE[root] = (sig, spec)
+        return spec
     if task != "classification":
-        raise ConfigError(f"{root} is a {task} folder; folder:PATH reads classification folders only so far")
+        raise ConfigError(f"{root} is a {task} folder ({MANIFEST} says so); folder:PATH reads classification "
+                          "and segmentation folders")
+    if set(dirs) == {"images", "labels"} and not (manifest and manifest.get("classes")):
+        raise ConfigError(f"{root} has images/ and labels/ but no {CLASSES}: a segmentation folder needs one, e.g. "
+                          '{"names": ["road", "car"]}; (a classification folder whose classes are named images and '
+                          f"labels: list them in {MANIFEST} as {{\"classes\": [\"images\", \"labels\"]}})")
     if manifest and manifest.get("classes"):
         classes = tuple(str(c) for c in manifest["classes"])
         stray = sorted(set(dirs) - set(classes))
@@ -203,3 +232,161 @@ def read_folder(root: Path, classes: tuple[str, ...], size: tuple[int, int], cha
             labels[i] = k
             i += 1
     return images, labels
+
+
+# ---- segmentation folders: images/ + labels/ + classes.json ------------------------------------
+
+_CLASSES_KEYS = ("names", "ids", "colors", "ignore")
+_UNKNOWN = 256  # a label value classes.json does not list (train ids are 0..254, 255 ignore)
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def read_classes(root: Path) -> tuple[tuple[str, ...], tuple[int, ...], tuple[int, ...], tuple]:
+    """``PATH/classes.json`` -> (names, ids, ignore, colors), checked; a problem is one line naming the file."""
+    path = root / CLASSES
+    if not path.is_file():
+        raise ConfigError(f"{root} is a segmentation folder ({MANIFEST} says so) but has no {CLASSES}; add one, "
+                          'e.g. {"names": ["road", "car"]} (label values 0, 1)')
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} is not valid JSON ({e}); fix it: {{\"names\": [...]}}") from None
+    if not isinstance(data, dict):
+        raise DataError(f'{path} is not a JSON object; write {{"names": [...], "ids": [...]}}')
+    extra = sorted(set(data) - set(_CLASSES_KEYS))
+    if extra:
+        raise DataError(f"{path}: unknown key {extra[0]!r}; {CLASSES} takes {', '.join(_CLASSES_KEYS)}")
+    names = data.get("names")
+    if (not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names)):
+        raise DataError(f'{path}: "names" must be a non-empty list of class names, e.g. ["road", "car"]')
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise DataError(f'{path}: the class {dup!r} is named twice in "names"; give each class once')
+    if len(names) > 255:
+        raise DataError(f"{path}: {len(names)} classes; at most 255 (train ids 0..254, 255 marks ignored pixels)")
+    k = len(names)
+    ids = data.get("ids", list(range(k)))
+    if not isinstance(ids, list) or len(ids) != k or not all(_whole(v) and 0 <= v <= 65535 for v in ids):
+        raise DataError(f'{path}: "ids" must list {k} label values (whole numbers 0..65535), one per name')
+    if len(set(ids)) != k:
+        dup = next(v for v in ids if ids.count(v) > 1)
+        raise DataError(f'{path}: the label value {dup} is given to two classes in "ids"; give each class its own')
+    ignore = data.get("ignore", [])
+    if not isinstance(ignore, list) or not all(_whole(v) and 0 <= v <= 65535 for v in ignore):
+        raise DataError(f'{path}: "ignore" must list label values (whole numbers 0..65535) that mark unlabelled pixels')
+    both = sorted(set(ignore) & set(ids))
+    if both:
+        raise DataError(f'{path}: the label value {both[0]} is both a class in "ids" and in "ignore"; keep it in one')
+    colors = data.get("colors", [])
+    if colors and (not isinstance(colors, list) or len(colors) != k or not all(
+            isinstance(c, list) and len(c) == 3 and all(_whole(v) and 0 <= v <= 255 for v in c) for c in colors)):
+        raise DataError(f'{path}: "colors" must list {k} [r, g, b] colours (0..255), one per name')
+    return tuple(names), tuple(ids), tuple(ignore), tuple(tuple(c) for c in colors)
+
+
+class FolderLabels:
+    """A picklable label decoder for a segmentation folder: one-channel PNG values -> train ids
+    through ``classes.json`` (ids -> 0..K-1, ignore -> 255); any other value is an error."""
+
+    def __init__(self, ids: tuple[int, ...], ignore: tuple[int, ...], classes_file: Path):
+        table = np.full(65536, _UNKNOWN, dtype=np.uint16)
+        table[list(ids)] = np.arange(len(ids), dtype=np.uint16)
+        table[list(ignore)] = 255
+        self.table, self.classes_file = table, classes_file
+
+    def __call__(self, path: Path) -> np.ndarray:
+        from uda_cli.data.dense import read_png_unchanged
+
+        a = read_png_unchanged(path)
+        if a.ndim == 3:
+            raise DataError(f"{path} has {a.shape[-1]} channels; a label is a one-channel PNG of class values "
+                            "(grey or palette), as listed in " + str(self.classes_file))
+        out = self.table[a]
+        bad = out == _UNKNOWN
+        if bad.any():
+            v = int(a[bad][0])
+            raise DataError(f'{path} holds the label value {v}, which {self.classes_file} lists neither in "ids" nor '
+                            f'in "ignore"; add it to one of them (e.g. "ignore": [{v}])')
+        return out.astype(np.uint8)
+
+
+def _seg_listing(folder: Path, labels: bool = False) -> dict[str, str]:
+    """``{stem: path}`` of the visible image files in ``folder`` (labels: PNGs); two files with
+    one stem, or a label that is an image but no PNG, are an error."""
+    extensions = (".png",) if labels else SEG_IMAGE_EXTENSIONS
+    out: dict[str, str] = {}
+    for e in os.scandir(folder):
+        if e.name.startswith(".") or not e.is_file():
+            continue
+        stem, ext = os.path.splitext(e.name)
+        if ext.lower() not in extensions:
+            if labels and ext.lower() in IMAGE_EXTENSIONS:
+                raise DataError(f"{e.path} is not a PNG; labels must be lossless PNGs of class values: convert it")
+            continue
+        if stem in out:
+            raise DataError(f"{folder} holds two files with the stem {stem!r} ({Path(out[stem]).name}, {e.name}); "
+                            "keep one")
+        out[stem] = e.path
+    return out
+
+
+def _seg_dirs(root: Path) -> tuple[Path, Path]:
+    images, labels = root / "images", root / "labels"
+    for d in (images, labels):
+        if not d.is_dir():
+            raise ConfigError(f"{root} is a segmentation folder (it has {CLASSES}) but no {d.name}/ folder; "
+                              "it needs images/<stem>.png and labels/<stem>.png")
+    return images, labels
+
+
+def segmentation_domain(root: Path):
+    """The :class:`DomainSpec` of a segmentation folder: classes from ``classes.json``, the run
+    size from the first image's header (natural order of stems)."""
+    from uda_cli.data.gta5 import image_size
+    from uda_cli.data.registry import DomainSpec
+
+    names, ids, ignore, colors = read_classes(root)
+    images, _labels = _seg_dirs(root)
+    files = _seg_listing(images)
+    if not files:
+        raise ConfigError(f"{images} holds no images ({', '.join(e.lstrip('.') for e in SEG_IMAGE_EXTENSIONS)})")
+    first = files[min(files, key=natural_key)]
+    size = image_size(Path(first))
+    return DomainSpec(
+        name=f"{PREFIX}{root}", task="segmentation", classes=names, channels=3, image_size=size,
+        splits=(SPLIT,), train_split=SPLIT, eval_split=SPLIT, dataset=None,
+        reader=lambda _folder, split: read_segmentation_folder(root, ids, ignore, split),
+        description=f"image/label pairs in {root}, {len(names)} classes from its {CLASSES}",
+        notes={"root": str(root)}, palette=colors,
+    )
+
+
+def read_segmentation_folder(root: Path, ids: tuple[int, ...], ignore: tuple[int, ...], split: str):
+    """``PATH/images`` with ``PATH/labels`` -> a :class:`~uda_cli.data.dense.FilePairSource`, every
+    pair checked: matched stems, same size (from the headers)."""
+    from uda_cli.data.dense import FilePairSource
+    from uda_cli.data.gta5 import scan_pairs
+
+    if split != SPLIT:
+        raise DataError(f"folder domains have one split, {SPLIT!r}, not {split!r}")
+    images, labels = _seg_dirs(root)
+    scan = scan_pairs(_seg_listing(images), _seg_listing(labels, labels=True), root, None, key=natural_key)
+    if scan.no_label:
+        p = Path(scan.no_label[0])
+        raise DataError(f"{p} has no label: expected {labels / (p.stem + '.png')} (every image needs one; "
+                        f"{len(scan.no_label):,} images lack theirs)")
+    if scan.no_image:
+        p = Path(scan.no_image[0])
+        raise DataError(f"{p} has no image: expected {images / p.stem}.png (or .jpg, .jpeg, .webp; "
+                        f"{len(scan.no_image):,} labels lack theirs)")
+    if not scan.stems:
+        raise DataError(f"{root} holds no image/label pairs in images/ and labels/")
+    if scan.resized:
+        label, lsize, image, isize = scan.resized[0]
+        raise DataError(f"{label} is {lsize[1]}x{lsize[0]} but its image {Path(image).name} is {isize[1]}x{isize[0]} "
+                        f"(W x H); a label must have its image's size ({len(scan.resized):,} pairs differ)")
+    return FilePairSource(f"{PREFIX}{root}:{split}", scan.stems, scan.images, scan.labels,
+                          FolderLabels(ids, ignore, root / CLASSES))
