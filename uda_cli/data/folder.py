@@ -124,8 +124,8 @@ def read_manifest(root: Path) -> dict | None:
 
 
 def _signature(root: Path) -> tuple[int, ...]:
-    m, c = root / MANIFEST, root / CLASSES
-    return root.stat().st_mtime_ns, (m.stat().st_mtime_ns if m.is_file() else 0), (c.stat().st_mtime_ns if c.is_file() else 0)
+    return (root.stat().st_mtime_ns,
+            *((f.stat().st_mtime_ns if f.is_file() else 0) for f in (root / MANIFEST, root / CLASSES)))
 
 
 def folder_domain(name: str):
@@ -139,7 +139,8 @@ def folder_domain(name: str):
     root = Path(raw).expanduser().resolve()
     if not root.is_dir():
         hint = " (folder:PATH has one split, 'all': write folder:PATH or folder:PATH:all)" if ":" in raw else ""
-        raise ConfigError(f"no folder at {raw}{hint}; folder:PATH takes a folder with one sub-folder per class")
+        raise ConfigError(f"no folder at {raw}{hint}; folder:PATH takes a folder with one sub-folder per class, "
+                          f"or images/, labels/ and {CLASSES} for segmentation")
     sig = _signature(root)
     hit = _CACHE.get(root)
     if hit is not None and hit[0] == sig:
@@ -167,7 +168,8 @@ def folder_domain(name: str):
     else:
         classes = tuple(dirs)
     if not classes:
-        raise ConfigError(f"{root} has no class sub-folders; folder:PATH takes one sub-folder per class (PATH/<class>/<image>)")
+        raise ConfigError(f"{root} has no class sub-folders; folder:PATH takes one sub-folder per class "
+                          f"(PATH/<class>/<image>), or images/, labels/ and {CLASSES} for segmentation")
 
     if manifest and manifest.get("image_size") and manifest.get("channels"):
         size = tuple(int(s) for s in manifest["image_size"])
