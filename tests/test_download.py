@@ -30,7 +30,7 @@ import pytest
 from rich.console import Console
 
 from uda_cli.data import download as dl
-from uda_cli.data.download import Dataset, Resource
+from uda_cli.data.download import Dataset, Resource, transfer
 from uda_cli.errors import DownloadError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -135,7 +135,7 @@ def local_only(monkeypatch):
     """Refuse any URL that is not 127.0.0.1 or file://, and bypass proxies."""
     for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
-    real_open = dl._open
+    real_open = transfer._open
 
     def guarded(request, opener=None):
         parts = urllib.parse.urlsplit(request.full_url)
@@ -143,8 +143,8 @@ def local_only(monkeypatch):
             raise urllib.error.URLError(f"network disabled in tests ({parts.hostname})")
         return real_open(request, opener)
 
-    monkeypatch.setattr(dl, "_open", guarded)
-    monkeypatch.setattr(dl, "TIMEOUT_S", 5.0)
+    monkeypatch.setattr(transfer, "_open", guarded)  # the one call that touches the network
+    monkeypatch.setattr(transfer, "TIMEOUT_S", 5.0)
 
 
 @pytest.fixture
@@ -215,6 +215,24 @@ def test_catalogue_shape():
         dl.get_dataset("office-31")
 
 
+@pytest.mark.parametrize("first", ["uda_cli.data.download", "uda_cli.data.digits", "uda_cli.data.office",
+                                   "uda_cli.data.gta5", "uda_cli.data.synthia", "uda_cli.data.cityscapes",
+                                   "uda_cli.data.domains"])
+def test_catalogue_loads_without_torch_whichever_module_comes_first(first):
+    """The dataset modules declare their files with download.types, and the catalogue imports
+    them: no import order may find a half-built module, and none of it may load torch
+    (``uda download --list`` stays fast)."""
+    import subprocess
+    import sys
+
+    code = (f"import sys, importlib; importlib.import_module({first!r}); "
+            "from uda_cli.data.download import DATASETS, download; "
+            f"assert ', '.join(sorted(DATASETS)) == {KNOWN!r}, sorted(DATASETS); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 @needs_shared
 def test_catalogue_checksums_match_shared_files():
     """The declared sha256s and sizes are those of the real files in shared/data."""
@@ -272,7 +290,7 @@ def test_cut_off_transfer_resumes_with_range(server, tmp_path):
 
 @needs_shared
 def test_stalled_transfer_times_out_and_resumes(server, tmp_path, monkeypatch):
-    monkeypatch.setattr(dl, "TIMEOUT_S", 0.3)
+    monkeypatch.setattr(transfer, "TIMEOUT_S", 0.3)
     path = "/usps/usps.t.bz2"
     server.stall_once[path] = 200_000
     dl.download(usps_test(server.url + path), tmp_path, console=quiet())

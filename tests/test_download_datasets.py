@@ -27,7 +27,7 @@ from PIL import Image
 
 from test_download import local_only, make_tar, output, quiet, server  # noqa: F401  (fixtures)
 from uda_cli.data import download as dl
-from uda_cli.data.download import Credentials, Resource
+from uda_cli.data.download import Credentials, Resource, archives
 from uda_cli.errors import DataError, DownloadError, UDAError
 
 PASSWORD = "s3cret-Pa55word!"
@@ -250,7 +250,7 @@ def test_refuses_to_start_without_the_space_needed(server, tmp_path, monkeypatch
     # Peak: everything extracted (6 x 3 GB) plus the last archive (3 GB) beside it.
     assert dl.space_needed(ds, tmp_path / "gta5") == 21 * dl.GB
     seen = []
-    monkeypatch.setattr(dl.shutil, "disk_usage", lambda p: seen.append(p) or shutil._ntuple_diskusage(0, 0, 5 * dl.GB))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: seen.append(p) or shutil._ntuple_diskusage(0, 0, 5 * dl.GB))
     with pytest.raises(DownloadError) as e:
         dl.download(ds, tmp_path / "new" / "root", console=quiet())
     message = str(e.value)
@@ -315,7 +315,7 @@ def fake_rar(tmp_path, monkeypatch):
     tool.parent.mkdir()
     tool.write_text(FAKE_RAR.format(python=sys.executable))
     tool.chmod(tool.stat().st_mode | stat.S_IXUSR)
-    monkeypatch.setattr(dl, "RAR_TOOLS", ((str(tool), ("list", "{archive}"), ("extract", "{archive}", "{dest}")),))
+    monkeypatch.setattr(archives, "RAR_TOOLS", ((str(tool), ("list", "{archive}"), ("extract", "{archive}", "{dest}")),))
     return tool
 
 
@@ -364,7 +364,7 @@ def test_synthia_rar_escapes_are_refused(server, tmp_path, fake_rar, case):
 
 
 def test_synthia_without_an_unpacker_keeps_the_archive(server, tmp_path, monkeypatch):
-    monkeypatch.setattr(dl, "RAR_TOOLS", (("no-such-unpacker-here", (), ()),))
+    monkeypatch.setattr(archives, "RAR_TOOLS", (("no-such-unpacker-here", (), ()),))
     ds = tiny_synthia(server, fake_rar_archive({"RAND_CITYSCAPES\\RGB\\0000000.png": png(1)}))
     with pytest.raises(DownloadError, match=r"RAR archive.*install one of no-such-unpacker-here.*kept") as e:
         dl.download(ds, tmp_path, console=quiet())
@@ -550,7 +550,7 @@ def test_cityscapes_zip_placed_by_hand_with_a_bad_member_is_refused(tmp_path, mo
     (folder / "gtFine_trainvaltest.zip").write_bytes(bytes(data))
     # The real cityscapes needs ~23 GB for the rest of its files; this test is about the CRC,
     # so the free-space check must not depend on the machine's disk (CI had 20 GB free).
-    monkeypatch.setattr(dl.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(0, 0, 10**6 * dl.GB))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(0, 0, 10**6 * dl.GB))
     with pytest.raises(DownloadError, match=r"gtFine_trainvaltest.zip is not a readable archive.*CRC"):
         dl.download("cityscapes", tmp_path, console=quiet())
 

@@ -32,6 +32,48 @@ Departures and checks:
 from __future__ import annotations
 
 # ---------------------------------------------------------------------------------------
+# Download: the files `uda download cityscapes` fetches (download/catalogue.py collects them)
+# ---------------------------------------------------------------------------------------
+
+from uda_cli.data.download.audit import PairAudit
+from uda_cli.data.download.types import GB, MB, Dataset, LoginForm, Resource
+
+# Cityscapes (Cordts et al. CVPR 2016): behind a login. The site's own downloader
+# (cityscapesScripts, csDownload) POSTs username/password/submit=Login to /login, takes a
+# 302 as success, reads each package's md5 from /md5-sum/?packageID=N and the package from
+# /file-handling/?packageID=N. Package 1 is gtFine_trainvaltest.zip (241 MB), package 3
+# leftImg8bit_trainvaltest.zip (11 GB). Both zips also hold a README and license.txt.
+_CITYSCAPES = "https://www.cityscapes-dataset.com/"
+CITYSCAPES_DOWNLOAD = Dataset(
+    name="cityscapes", folder="cityscapes", mirror_dir="cityscapes",
+    description=(
+        "Cityscapes: 5,000 finely labelled street scenes (2,975 train / 500 val / 1,525 test) from 50 cities; "
+        "layout <root>/cityscapes/leftImg8bit/{train,val,test}/<city>/*_leftImg8bit.png and "
+        "<root>/cityscapes/gtFine/{train,val,test}/<city>/*_gtFine_labelIds.png"
+    ),
+    licence=(
+        "Cityscapes terms of use: non-commercial research and teaching only, no redistribution; "
+        "needs an account; cite Cordts et al., CVPR 2016"
+    ),
+    homepage=_CITYSCAPES + "downloads/",
+    login=LoginForm(
+        site="Cityscapes", url=_CITYSCAPES + "login/", protects=_CITYSCAPES,
+        user_env="CITYSCAPES_USERNAME", password_env="CITYSCAPES_PASSWORD",
+        register_url=_CITYSCAPES + "register/",
+    ),
+    resources=(
+        Resource("gtFine_trainvaltest.zip", (_CITYSCAPES + "file-handling/?packageID=1",),
+                 md5_url=_CITYSCAPES + "md5-sum/?packageID=1", approx_size=241 * MB, extracted_size=700 * MB,
+                 extract=True, owns=("gtFine",)),
+        Resource("leftImg8bit_trainvaltest.zip", (_CITYSCAPES + "file-handling/?packageID=3",),
+                 md5_url=_CITYSCAPES + "md5-sum/?packageID=3", approx_size=11 * GB, extracted_size=11 * GB,
+                 extract=True, owns=("leftImg8bit",)),
+    ),
+    audit=PairAudit("leftImg8bit", "_leftImg8bit.png", "gtFine", "_gtFine_labelIds.png", expected=5_000),
+)
+
+
+# ---------------------------------------------------------------------------------------
 # Reader: leftImg8bit + gtFine labelIds, and the cityscapes domain
 # ---------------------------------------------------------------------------------------
 

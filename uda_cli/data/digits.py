@@ -23,10 +23,107 @@ from pathlib import Path
 
 import numpy as np
 
+from uda_cli.data.download.types import Dataset, Resource
 from uda_cli.errors import DataError
 
 SPLITS = ("train", "test")
 _TITLES = {"mnist": "MNIST", "usps": "USPS", "svhn": "SVHN", "mnistm": "MNIST-M"}
+
+
+# --- downloads: the files `uda download` fetches (download/catalogue.py collects them) ------
+
+# torchvision's MNIST mirrors (S3 first: yann.lecun.com has been unreliable), then the
+# TensorFlow datasets mirror. All serve the same original files; the sha256 decides anyway.
+_MNIST_BASES = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "http://yann.lecun.com/exdb/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+)
+_USPS_BASE = "https://www.csie.ntu.edu.tw/~cjlin/libsvmtools/datasets/multiclass/"
+_SVHN_BASE = "http://ufldl.stanford.edu/housenumbers/"
+
+
+def _at(bases: tuple[str, ...], filename: str) -> tuple[str, ...]:
+    return tuple(base + filename for base in bases)
+
+
+MNIST_DOWNLOAD = Dataset(
+    name="mnist", folder="mnist", mirror_dir="mnist",
+    description="MNIST handwritten digits: the four original IDX .gz files (60,000 train / 10,000 test)",
+    licence="CC BY-SA 3.0 (Yann LeCun and Corinna Cortes)",
+    homepage="http://yann.lecun.com/exdb/mnist/",
+    resources=(
+        # sha256 of the originals (their md5s equal torchvision's MNIST.resources).
+        Resource("train-images-idx3-ubyte.gz", _at(_MNIST_BASES, "train-images-idx3-ubyte.gz"),
+                 sha256="440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609", size=9_912_422),
+        Resource("train-labels-idx1-ubyte.gz", _at(_MNIST_BASES, "train-labels-idx1-ubyte.gz"),
+                 sha256="3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c", size=28_881),
+        Resource("t10k-images-idx3-ubyte.gz", _at(_MNIST_BASES, "t10k-images-idx3-ubyte.gz"),
+                 sha256="8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6", size=1_648_877),
+        Resource("t10k-labels-idx1-ubyte.gz", _at(_MNIST_BASES, "t10k-labels-idx1-ubyte.gz"),
+                 sha256="f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6", size=4_542),
+    ),
+)
+
+USPS_DOWNLOAD = Dataset(
+    name="usps", folder="usps", mirror_dir="usps",
+    description="USPS postal digits, LIBSVM release (7,291 train / 2,007 test, 16x16, values in [-1, 1])",
+    licence="no explicit licence; J. J. Hull, IEEE TPAMI 16(5), 1994; redistributed for research by LIBSVM",
+    homepage="https://www.csie.ntu.edu.tw/~cjlin/libsvmtools/datasets/multiclass.html#usps",
+    resources=(
+        # URLs and md5s are torchvision's (datasets/usps.py); the sha256s are of the same files.
+        Resource("usps.bz2", (_USPS_BASE + "usps.bz2",),
+                 sha256="3771e9dd6ba685185f89867b6e249233dd74652389f263963b3b741e994b034f", size=6_579_383),
+        Resource("usps.t.bz2", (_USPS_BASE + "usps.t.bz2",),
+                 sha256="a9c0164e797d60142a50604917f0baa604f326e9a689698763793fa5d12ffc4e", size=1_831_726),
+    ),
+)
+
+SVHN_DOWNLOAD = Dataset(
+    name="svhn", folder="svhn", mirror_dir="svhn",
+    description="SVHN cropped house-number digits (73,257 train / 26,032 test, 32x32 colour)",
+    licence="non-commercial use only; cite Netzer et al., NIPS Workshop 2011",
+    homepage="http://ufldl.stanford.edu/housenumbers/",
+    resources=(
+        # Only md5s are published (torchvision's datasets/svhn.py); no sha256 is known.
+        Resource("train_32x32.mat", (_SVHN_BASE + "train_32x32.mat",),
+                 md5="e26dedcc434d2e4c54c9b2d4a06d8373", size=182_040_794),
+        Resource("test_32x32.mat", (_SVHN_BASE + "test_32x32.mat",),
+                 md5="eb5a983be6a315427106f1b164d9cef3", size=64_275_384),
+    ),
+)
+
+# MNIST-M (Ganin & Lempitsky) has no official checksummed release: the authors' original
+# was a pickle behind a share link. These three archives are the repackaging of the
+# original PNGs described in shared/data/README.md (deterministic tarballs, checksums
+# below); they extract to mnist_m/mnist_m_{train,test}/ and mnist_m_{train,test}_labels.txt.
+# No public URL is known for them, so they are fetched only from a --mirror.
+MNISTM_DOWNLOAD = Dataset(
+    name="mnistm", folder="mnistm", mirror_dir="mnist_m",
+    description="MNIST-M: MNIST digits blended with BSDS500 patches (59,001 train / 9,001 test, 32x32 colour)",
+    licence=(
+        "no explicit licence; MNIST (CC BY-SA 3.0) blended with BSDS500 patches (research use); "
+        "cite Ganin et al."
+    ),
+    homepage="https://arxiv.org/abs/1409.7495",
+    mirror_hint=(
+        "MNIST-M has no official checksummed download; pass --mirror DIR_OR_URL where DIR_OR_URL "
+        "holds mnist_m/<archive> (e.g. --mirror /path/to/shared/data or --mirror https://host/data)"
+    ),
+    resources=(
+        Resource("mnist_m_test.tar.gz",
+                 sha256="2e482b10e2014cde4e435dc6c618e6d5a517b00239f6caadefc500d830586c30",
+                 size=17_692_927, extract=True),
+        # Train images 0-9,999 plus the complete train labels file (all 59,001 names).
+        Resource("mnist_m_train_part1_00000000-00009999.tar.gz",
+                 sha256="acd985d124c497bfe4a9aa73e42a01e0fd146d55796c0ad9c214d29ab53adb27",
+                 size=19_775_357, extract=True),
+        # Train images 10,000-59,000 (96 MB); readers skip the images that are missing.
+        Resource("mnist_m_train_part2_00010000-00059000.tar.gz",
+                 sha256="a9152604440e71d9f97685ba48ad84a9eab3317dfe65ff2125b25b8b24c0c473",
+                 size=96_237_990, extract=True, required=False),
+    ),
+)
 
 
 # --- errors --------------------------------------------------------------------------------

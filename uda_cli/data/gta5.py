@@ -38,6 +38,38 @@ The pair helpers below (:func:`scan_pairs`, :func:`image_size`, :func:`warn_pair
 from __future__ import annotations
 
 # ---------------------------------------------------------------------------------------
+# Download: the files `uda download gta5` fetches (download/catalogue.py collects them)
+# ---------------------------------------------------------------------------------------
+
+from uda_cli.data.download.audit import PairAudit
+from uda_cli.data.download.types import MB, Dataset, Resource
+
+# GTA5 ("Playing for Data", Richter et al. ECCV 2016): ten image and ten label zips on the
+# project site, which publishes no checksums. The sizes are estimates (about 2,500 PNGs of
+# 1914x1052 per image part).
+_GTA5_BASE = "https://download.visinf.tu-darmstadt.de/data/from_games/data/"
+GTA5_DOWNLOAD = Dataset(
+    name="gta5", folder="gta5", mirror_dir="gta5",
+    description=(
+        "GTA5 (Playing for Data): 24,966 frames of Grand Theft Auto V with pixel labels compatible with "
+        "Cityscapes, in ten image and ten label zips; layout <root>/gta5/images/*.png, <root>/gta5/labels/*.png"
+    ),
+    licence=(
+        "research and educational use; the images are from the game Grand Theft Auto V (Rockstar Games); "
+        "cite Richter et al., ECCV 2016; see the project page for the terms"
+    ),
+    homepage="https://download.visinf.tu-darmstadt.de/data/from_games/",
+    resources=tuple(
+        Resource(f"{i:02d}_{kind}.zip", (f"{_GTA5_BASE}{i:02d}_{kind}.zip",), unpublished="no published checksum",
+                 approx_size=size, extracted_size=size, extract=True, into=kind)
+        for i in range(1, 11)
+        for kind, size in (("images", 5_800 * MB), ("labels", 120 * MB))
+    ),
+    audit=PairAudit("images", ".png", "labels", ".png", expected=24_966),
+)
+
+
+# ---------------------------------------------------------------------------------------
 # Reader: image/label pairs of flat folders, their sizes from PNG headers, the GTA5 domain
 # ---------------------------------------------------------------------------------------
 

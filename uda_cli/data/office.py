@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from uda_cli.data.download.audit import ClassFolderAudit
+from uda_cli.data.download.types import MB, Dataset, Resource
 from uda_cli.errors import DataError
 
 OFFICE31_DOMAINS = ("amazon", "webcam", "dslr")
@@ -36,6 +38,38 @@ OFFICE31_SIZES = {"amazon": 2817, "webcam": 795, "dslr": 498}  # images per doma
 OFFICE_SIZE = (224, 224)  # (H, W): ResNet-50's input size
 SPLITS = ("all",)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+# The files `uda download office31` fetches (download/catalogue.py collects them).
+#
+# Office-31 (Saenko et al. ECCV 2010): one tarball, domain_adaptation_images.tar.gz, that
+# unpacks to {amazon,dslr,webcam}/images/<class>/*.jpg. Its home page links a Google Drive
+# file; no checksum is published. (A third-party script records sha1
+# 7aa25a86f3880b6e79283227816f9d4d8506d636 for it; that is not the publisher's, so it is
+# only noted here.) The usercontent URL skips Drive's "cannot scan for viruses" page; a
+# page instead of the file falls through to the next URL.
+_OFFICE31_DRIVE_ID = "0B4IapRTv9pJ1WGZVd1VDMmhwdlE"
+_OFFICE31_RESOURCE_KEY = "0-gNMHVtZfRAyO_t2_WrOunA"  # old "0B" Drive files need it since 2021
+OFFICE31_DOWNLOAD = Dataset(
+    name="office31", folder="office31", mirror_dir="office31",
+    description=(
+        "Office-31: 4,110 object photos in 31 classes from three domains, amazon (2,817 product shots), "
+        "webcam (795) and dslr (498); layout <root>/office31/{amazon,webcam,dslr}/images/<class>/*.jpg"
+    ),
+    licence="no explicit licence; research use; cite Saenko et al., ECCV 2010",
+    homepage="https://faculty.cc.gatech.edu/~judy/domainadapt/",
+    resources=(
+        Resource(
+            "domain_adaptation_images.tar.gz",
+            (
+                f"https://drive.usercontent.google.com/download?id={_OFFICE31_DRIVE_ID}&export=download&confirm=t"
+                f"&resourcekey={_OFFICE31_RESOURCE_KEY}",
+                f"https://drive.google.com/uc?export=download&id={_OFFICE31_DRIVE_ID}&confirm=t",
+            ),
+            unpublished="no published checksum", approx_size=80 * MB, extracted_size=85 * MB, extract=True,
+        ),
+    ),
+    audit=ClassFolderAudit(tuple(OFFICE31_SIZES.items()), classes=31),
+)
 
 
 def _fix(folder: Path, force: bool = False) -> str:

@@ -30,6 +30,35 @@ Departures and checks:
 from __future__ import annotations
 
 # ---------------------------------------------------------------------------------------
+# Download: the files `uda download synthia` fetches (download/catalogue.py collects them)
+# ---------------------------------------------------------------------------------------
+
+from uda_cli.data.download.audit import PairAudit
+from uda_cli.data.download.types import GB, Dataset, Resource
+
+# SYNTHIA-RAND-CITYSCAPES (Ros et al. CVPR 2016): one RAR archive (an unpacker is needed)
+# that unpacks to RAND_CITYSCAPES/{RGB,Depth/Depth,GT/COLOR,GT/LABELS}/*.png, 9,400 frames
+# (0000000.png-0009399.png; the download page says 9,000). No checksum is published.
+SYNTHIA_DOWNLOAD = Dataset(
+    name="synthia", folder="synthia", mirror_dir="synthia",
+    description=(
+        "SYNTHIA-RAND-CITYSCAPES: 9,400 rendered street scenes with labels compatible with Cityscapes; "
+        "layout <root>/synthia/RAND_CITYSCAPES/RGB/*.png, .../GT/LABELS/*.png (also GT/COLOR, Depth); "
+        "a RAR archive: needs bsdtar, unrar or 7z"
+    ),
+    licence="CC BY-NC-SA 3.0 (non-commercial); cite Ros et al., CVPR 2016",
+    homepage="http://synthia-dataset.net/downloads/",
+    resources=(
+        Resource("SYNTHIA_RAND_CITYSCAPES.rar",
+                 ("http://synthia-dataset.cvc.uab.cat/SYNTHIA_RAND_CITYSCAPES.rar",
+                  "http://synthia-dataset.net/download/808/"),
+                 unpublished="no published checksum", approx_size=21 * GB, extracted_size=22 * GB, extract=True),
+    ),
+    audit=PairAudit("RAND_CITYSCAPES/RGB", ".png", "RAND_CITYSCAPES/GT/LABELS", ".png", expected=9_400),
+)
+
+
+# ---------------------------------------------------------------------------------------
 # Reader: RAND_CITYSCAPES/RGB + GT/LABELS (first channel), and the synthia domain
 # ---------------------------------------------------------------------------------------
 
@@ -40,7 +69,7 @@ from uda_cli.errors import DataError
 SYNTHIA_PAIRS = 9_400
 SYNTHIA_SIZE = (760, 1280)  # (H, W): native
 SPLITS = ("all",)
-IMAGES = "RAND_CITYSCAPES/RGB"  # below <root>/synthia, as download.py's audit counts them
+IMAGES = "RAND_CITYSCAPES/RGB"  # below <root>/synthia, as SYNTHIA_DOWNLOAD's audit counts them
 LABELS = "RAND_CITYSCAPES/GT/LABELS"
 
 
