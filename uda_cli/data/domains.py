@@ -42,3 +42,4 @@ for _domain in office.OFFICE31_DOMAINS:
     ))
 del _domain
 from uda_cli.data import cityscapes, gta5, synthia  # noqa: E402,F401  (register the segmentation domains)
+from uda_cli.data import scenes  # noqa: E402,F401  (register the digit scenes)
