@@ -13,10 +13,10 @@ ADVENT, CRST and DAFormer read them. A sample's stem is its file name without ``
 (``00001``); samples are in file-name order (the names are zero-padded numbers).
 
 Splits: ``all`` only, which runs train on and evaluate on. UDA papers (ADVENT, CRST,
-DAFormer) train on all 24,966 frames. The dataset's site ships a ``split.mat`` with
-train/val/test ids in its code archive, but we could not read it here (no network), and we
-found no other published list used by the UDA papers, so no other split is offered: slice
-``all`` for a held-out part, e.g. train on ``gta5:all[:-500]``, evaluate on ``gta5:all[-500:]``.
+DAFormer) train on all 24,966 frames and publish no GTA5 train/val list. The project page
+is said to offer a ``split.mat`` of train/val/test ids; we could not fetch it to check (no
+network where this was written), so no other split is offered: slice ``all`` for a held-out
+part, e.g. train on ``gta5:all[:-500]``, evaluate on ``gta5:all[-500:]``.
 Default run size (720, 1280), ADVENT's source size.
 
 Departures and checks:
