@@ -5,6 +5,10 @@ returns ``images`` uint8 ``[N, H, W, C]`` at the native size (C is 1 or 3) and `
 int64 ``[N]`` in 0..9. A missing file or a file that does not parse raises
 :class:`~uda_cli.errors.DataError` with one line saying which file and the ``uda download``
 command that fixes it. Nothing here unpickles anything.
+
+The files ``uda download`` fetches for each (URLs, checksums, sizes, licence) are declared
+here too, as ``MNIST_DOWNLOAD`` ... ``MNISTM_DOWNLOAD``; ``uda_cli.data.download.catalogue``
+collects them.
 """
 
 from __future__ import annotations

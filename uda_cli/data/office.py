@@ -14,6 +14,9 @@ the reader resizes each one to 224x224 (bilinear, antialiased) as it reads: the 
 keeps a split in memory as uint8, and all 4,110 images at 3x224x224 take about 620 MB
 (amazon alone 424 MB). Cropping augmentation (resize 256, random crop 224) would need the
 batch stream's help; we resize straight to the network's input size instead.
+
+``OFFICE31_DOWNLOAD`` declares the tarball ``uda download office31`` fetches and the audit
+that counts its images; ``uda_cli.data.download.catalogue`` collects it.
 """
 
 from __future__ import annotations
