@@ -244,7 +244,7 @@ def optimizer_kernels(run: Path) -> str:
 def _params_text(r: dict) -> str:
     """The run's hyperparameters, its --precision when one was given (so the table keeps an
     fp32 run apart from one in the device's default precision), and ``emulation=bf16`` for a
-    row that benchmarks/bf16_emulation.py ran."""
+    row that tools/bf16_emulation.py ran."""
     given = {**r.get("params", {}), **({"precision": r["precision"]} if r.get("precision", "auto") != "auto" else {}),
              **({"emulation": r["emulation"]} if r.get("emulation") else {})}
     return " ".join(f"{k}={v}" for k, v in sorted(given.items())) or "–"
@@ -335,14 +335,14 @@ def main(argv: list[str] | None = None) -> int:
                          "and the run folder name say when it is not auto")
     ap.add_argument("--eval-every", type=int, default=0, metavar="N",
                     help="also evaluate on the target's test split every N steps of each run (logged only, never "
-                         "used to pick a checkpoint); the row keeps the curve (benchmarks/curves.py reads run folders)")
+                         "used to pick a checkpoint); the row keeps the curve (tools/curves.py reads run folders)")
     ap.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
     ap.add_argument("--data-root", type=Path, default=Path(tempfile.gettempdir()) / "uda-bench-data")
     ap.add_argument("--out", type=Path, help="keep run folders here (default: a temporary folder)")
     ap.add_argument("--json", type=Path, help="also write the raw rows here (rewritten after every run)")
     ap.add_argument("--from-json", type=Path, nargs="+", help="print one table from rows saved by earlier --json runs")
     ap.add_argument("--prepare-only", action="store_true",
-                    help="make --data-root hold the pairs' datasets, then stop (benchmarks/queue.sh runs this "
+                    help="make --data-root hold the pairs' datasets, then stop (tools/queue.sh runs this "
                          "once before its jobs, so parallel jobs never unpack one archive at the same time)")
     args = ap.parse_args(argv)
 
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         late = r.pop("late_signal", None)
         r.update(pair_key=key, budget=args.budget, device=dev)
         if args.out is not None:
-            from benchmarks.bf16_emulation import marked  # its marker in --out: the run rounded as bf16
+            from tools.bf16_emulation import marked  # its marker in --out: the run rounded as bf16
 
             if marked(args.out):
                 r["emulation"] = "bf16"

@@ -11,13 +11,18 @@ from uda_cli.methods.registry import list_methods
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load_bench(name: str = "digits"):
-    """benchmarks/<name>.py as a module (the scripts are not a package)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
+def load_bench(name: str = "digits", folder: str = "benchmarks"):
+    """<folder>/<name>.py as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{folder}_{name}", REPO / folder / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
+
+
+def load_tool(name: str):
+    """tools/<name>.py (the probes and batch helpers) as a module."""
+    return load_bench(name, "tools")
 
 
 def one_step_runs(tmp_path, *methods: str) -> list[Path]:
@@ -159,7 +164,7 @@ def test_dtn_probe_reads_a_dtn_run_and_refuses_another_method(tmp_path, capsys):
                      "--batch-size", "8", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "runs")])
     assert rc == 0
     capsys.readouterr()
-    probe = load_bench("dtn_probe")
+    probe = load_tool("dtn_probe")
     run = tmp_path / "runs" / "dtn_mnist-usps_smoke_b8_s0"
     assert probe.main([str(run), "--posthoc-steps", "2"]) == 0
     cells = table_row(run, capsys)
@@ -220,7 +225,7 @@ def test_curves_groups_seeds_by_step_from_the_runs_own_logs(tmp_path, capsys, mo
     from uda_cli.config import TrainOptions
     from uda_cli.engine.trainer import train
 
-    curves = load_bench("curves")
+    curves = load_tool("curves")
 
     def run(seed, steps, **kw):
         out = tmp_path / f"s{seed}"
@@ -290,7 +295,7 @@ def test_curves_groups_seeds_by_step_from_the_runs_own_logs(tmp_path, capsys, mo
 def test_translation_probe_tells_a_kept_digit_from_a_collapsed_translator(tmp_path, capsys, monkeypatch):
     """An I2I run's translator replaced by the identity (each MNIST digit stays itself) and by a
     constant (every digit becomes the first one): the probe's columns must tell them apart."""
-    probe = load_bench("translation_probe")
+    probe = load_tool("translation_probe")
     run, other = one_step_runs(tmp_path, "i2i", "source-only")
 
     def patch(method, kind):
@@ -330,7 +335,7 @@ def test_i2i_decoder_probe_tells_a_decoder_that_uses_z_from_one_that_ignores_it(
     autoencoder), and one whose decoders draw a constant image: ``rec`` must read ~0 and >1."""
     import torch
 
-    probe = load_bench("i2i_decoder_probe")
+    probe = load_tool("i2i_decoder_probe")
     run, other = one_step_runs(tmp_path, "i2i", "source-only")
 
     def patch(method, kind):
@@ -355,7 +360,7 @@ def test_i2i_decoder_probe_tells_a_decoder_that_uses_z_from_one_that_ignores_it(
 
 
 def test_optim_step_prints_both_networks_and_the_fused_kernels_take_the_same_step(capsys):
-    rc = load_bench("optim_step").main(["--steps", "1", "--batch-size", "4"])
+    rc = load_tool("optim_step").main(["--steps", "1", "--batch-size", "4"])
     rows = [l.split(" | ") for l in capsys.readouterr().out.splitlines() if l.startswith(("| lenet", "| svhn"))]
     assert rc == 0 and [(r[0], r[2]) for r in rows] == [("| lenet", "adam"), ("| lenet", "sgd"),
                                                         ("| svhn", "adam"), ("| svhn", "sgd")]
@@ -388,7 +393,7 @@ def test_a_row_says_which_optimizer_kernels_its_run_used(tmp_path, monkeypatch):
 
 
 def test_queue_runs_jobs_in_parallel_skips_finished_ones_and_keeps_a_cut_off_run(tmp_path):
-    """benchmarks/queue.sh: every job's rows land in OUT/NAME.json; a job with rows already is
+    """tools/queue.sh: every job's rows land in OUT/NAME.json; a job with rows already is
     skipped (a cut-off queue resumes with the same command); the run folder an unfinished job
     left is moved aside, not overwritten, and the job runs again."""
     import json
@@ -408,7 +413,7 @@ def test_queue_runs_jobs_in_parallel_skips_finished_ones_and_keeps_a_cut_off_run
     import _launch
 
     env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": _launch.pythonpath()}
-    r = subprocess.run(["bash", str(REPO / "benchmarks" / "queue.sh"), str(jobs), "2", str(out),
+    r = subprocess.run(["bash", str(REPO / "tools" / "queue.sh"), str(jobs), "2", str(out),
                         "--budget", "smoke", "--device", "cpu", "--batch-size", "8",
                         "--data-root", str(tmp_path / "data")], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -425,7 +430,7 @@ def test_queue_runs_jobs_in_parallel_skips_finished_ones_and_keeps_a_cut_off_run
 def test_queue_refuses_a_missing_jobs_file_and_a_bad_count(tmp_path):
     import subprocess
 
-    q = str(REPO / "benchmarks" / "queue.sh")
+    q = str(REPO / "tools" / "queue.sh")
     for args, msg in (([str(tmp_path / "nope.txt"), "2", str(tmp_path)], "no jobs file"),
                       ([q, "0", str(tmp_path)], "a whole number >= 1")):
         r = subprocess.run(["bash", q, *args], capture_output=True, text=True, timeout=30)
@@ -514,7 +519,7 @@ def test_curves_keeps_bf16_runs_apart_from_float32_ones(tmp_path, capsys):
     from uda_cli.config import TrainOptions
     from uda_cli.engine.trainer import train
 
-    curves = load_bench("curves")
+    curves = load_tool("curves")
 
     def run(name, seed, **kw):
         train(TrainOptions(method="source-only", src="tiny-src", tgt="tiny-tgt", steps=2, batch_size=8, out=tmp_path / name,

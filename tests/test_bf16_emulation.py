@@ -1,4 +1,4 @@
-"""benchmarks/bf16_emulation.py: float32 layers that round as bf16 autocast does."""
+"""tools/bf16_emulation.py: float32 layers that round as bf16 autocast does."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from test_benchmark import load_bench
+from test_benchmark import load_bench, load_tool
 
 
 def _is_bf16(t: torch.Tensor) -> bool:
@@ -16,7 +16,7 @@ def _is_bf16(t: torch.Tensor) -> bool:
 
 
 def test_layers_round_like_autocast_and_the_patch_is_undone():
-    emu = load_bench("bf16_emulation")
+    emu = load_tool("bf16_emulation")
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
     up = nn.ConvTranspose2d(3, 4, 3)
@@ -42,7 +42,7 @@ def test_layers_round_like_autocast_and_the_patch_is_undone():
 
 
 def test_refuses_what_it_cannot_emulate(capsys, tmp_path):
-    emu = load_bench("bf16_emulation")
+    emu = load_tool("bf16_emulation")
     assert emu.main(["evaluate", str(tmp_path)]) == 2
     assert emu.main(["train", "--method", "dann", "--precision", "bf16", "--out", str(tmp_path / "r")]) == 2
     assert emu.main(["train", "--method", "dann"]) == 2
@@ -51,7 +51,7 @@ def test_refuses_what_it_cannot_emulate(capsys, tmp_path):
 
 
 def test_a_run_trains_under_it_and_is_marked(tmp_path):
-    emu = load_bench("bf16_emulation")
+    emu = load_tool("bf16_emulation")
     out = tmp_path / "run"
     rc = emu.main(["train", "--method", "source-only", "--src", "mnist2000", "--tgt", "usps1800", "--steps", "2",
                    "--batch-size", "4", "--device", "cpu", "--eval-every", "0", "--out", str(out), "--log-format", "json"])
@@ -61,7 +61,7 @@ def test_a_run_trains_under_it_and_is_marked(tmp_path):
 
 
 def test_digits_runs_under_it_and_its_row_says_fp32(tmp_path, monkeypatch):
-    emu = load_bench("bf16_emulation")
+    emu = load_tool("bf16_emulation")
     calls = []
     real = F.linear
 
@@ -79,7 +79,7 @@ def test_digits_runs_under_it_and_its_row_says_fp32(tmp_path, monkeypatch):
     assert rows[0]["emulation"] == "bf16"
     assert F.linear is counting
     # The table and the curves keep an emulated run apart from a float32 one.
-    digits, curves = load_bench("digits"), load_bench("curves")
+    digits, curves = load_bench("digits"), load_tool("curves")
     assert "emulation=bf16" in digits._params_text(rows[0]) and "emulation" not in digits._params_text(
         {k: v for k, v in rows[0].items() if k != "emulation"})
     (run,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]

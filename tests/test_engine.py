@@ -58,7 +58,7 @@ def test_keep_checkpoints_prunes_old_ones(tmp_path):
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert names == ["latest", "step-00000018.safetensors", "step-00000018.state.safetensors",
                      "step-00000020.safetensors", "step-00000020.state.safetensors"]
-    # 0 keeps every one (what benchmarks/curves.py --domain reads)
+    # 0 keeps every one (what tools/curves.py --domain reads)
     train(opts(tmp_path, out=tmp_path / "all", steps=7, save_every=2, keep_checkpoints=0), interactive=False)
     kept = sorted(p.name for p in (tmp_path / "all" / "checkpoints").glob("step-*[0-9].safetensors"))
     assert kept == [f"step-{s:08d}.safetensors" for s in (2, 4, 6, 7)]

@@ -1,4 +1,4 @@
-"""benchmarks/lease.py: one GPU lease's jobs in one call, stopped at a deadline, brought back."""
+"""tools/lease.py: one GPU lease's jobs in one call, stopped at a deadline, brought back."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import sys
 import tarfile
 
 import _launch
-from test_benchmark import REPO, load_bench
+from test_benchmark import REPO, load_tool
 
 
 def lease_cmd(*args: str) -> list[str]:
-    return [sys.executable, str(REPO / "benchmarks" / "lease.py"), *args]
+    return [sys.executable, str(REPO / "tools" / "lease.py"), *args]
 
 
 def test_lease_runs_the_jobs_until_the_deadline_and_brings_back_the_cut_run(tmp_path, shared_data):
@@ -57,7 +57,7 @@ def test_lease_runs_the_jobs_until_the_deadline_and_brings_back_the_cut_run(tmp_
 
 
 def test_lease_archive_leaves_the_largest_weights_behind_and_splits_into_parts(tmp_path, monkeypatch):
-    lease = load_bench("lease")
+    lease = load_tool("lease")
     q = tmp_path / "q"
     for job, method, size in (("a", "pixelda", 6000), ("b", "pixelda", 20000), ("c", "dann", 5000)):
         run = q / f"{job}.d" / f"{method}_run"
@@ -90,7 +90,7 @@ def test_lease_refuses_in_one_line(tmp_path):
     cases = ((["run", str(jobs), "--seconds", "5"], "no $OUT and no --out"),
              (["run", str(tmp_path / "nope.txt"), "--seconds", "5", "--out", str(tmp_path)], "no jobs file"),
              (["run", str(jobs), "--seconds", "5", "--out", str(tmp_path), "--data", str(tmp_path / "none")],
-              "lacks the datasets; run `python benchmarks/lease.py pack`"),
+              "lacks the datasets; run `python tools/lease.py pack`"),
              (["pack", "--shared", str(tmp_path / "none"), "--dest", str(tmp_path / "d"), "--no-wheels"],
               "has no mnist, usps, svhn"))
     for args, msg in cases:

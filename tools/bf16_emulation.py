@@ -1,7 +1,7 @@
 """Run a `uda` command with bf16 autocast's rounding emulated in float32 arithmetic.
 
-    python benchmarks/bf16_emulation.py train --method pixelda --src mnist2000 --tgt usps1800 --out RUN ...
-    python benchmarks/bf16_emulation.py digits --budget cpu --methods pixelda --pairs mnist-usps ...
+    python tools/bf16_emulation.py train --method pixelda --src mnist2000 --tgt usps1800 --out RUN ...
+    python tools/bf16_emulation.py digits --budget cpu --methods pixelda --pairs mnist-usps ...
 
 (the first is `uda train`'s command line, the second benchmarks/digits.py's; both keep their
 options, and --precision must be fp32 or absent).
@@ -80,7 +80,7 @@ def emulate_bf16():
             setattr(F, name, op)
 
 
-MARK = ("trained under benchmarks/bf16_emulation.py: conv2d, conv_transpose2d and linear rounded "
+MARK = ("trained under tools/bf16_emulation.py: conv2d, conv_transpose2d and linear rounded "
         "to bf16 in and out, forward and backward, in float32 arithmetic\n")
 
 
@@ -123,7 +123,7 @@ def main(argv: list[str]) -> int:
                 return 0
             import importlib.util
 
-            spec = importlib.util.spec_from_file_location("bench_digits", Path(__file__).with_name("digits.py"))
+            spec = importlib.util.spec_from_file_location("bench_digits", Path(__file__).resolve().parents[1] / "benchmarks" / "digits.py")
             digits = importlib.util.module_from_spec(spec)
             sys.modules[spec.name] = digits  # its dataclasses look their module up there
             spec.loader.exec_module(digits)

@@ -1,8 +1,8 @@
 """Target accuracy along runs, as a markdown table: the evaluations each run logged, or
 every checkpoint it kept evaluated on a domain you name.
 
-    python benchmarks/curves.py RUN_DIR [RUN_DIR ...] [--steps 3000,4000,5000]
-    python benchmarks/curves.py RUN_DIR [RUN_DIR ...] --domain 'mnist:train[-5000:]'
+    python tools/curves.py RUN_DIR [RUN_DIR ...] [--steps 3000,4000,5000]
+    python tools/curves.py RUN_DIR [RUN_DIR ...] --domain 'mnist:train[-5000:]'
 
 Without ``--domain`` it reads each run folder's ``config.json`` and the ``eval`` records of its
 ``metrics.jsonl`` (``uda train --eval-every N``, on the target's test split; a resumed run's
@@ -44,8 +44,8 @@ def read_run(run: Path, domain: str | None = None, data_root: Path | None = None
         opts = cfg["options"]
         # A run whose forward ran in bf16 (--precision bf16, or auto on CUDA) is its own group:
         # the same seed and settings in float32 is another run.
-        # So is one trained under benchmarks/bf16_emulation.py.
-        from benchmarks.bf16_emulation import marked
+        # So is one trained under tools/bf16_emulation.py.
+        from tools.bf16_emulation import marked
 
         emulated = marked(run)
         given = {**(opts.get("params") or {}), **({"precision": "bf16"} if bf16_run(cfg) else {}),

@@ -1,6 +1,6 @@
 """Where a DTN run's target accuracy comes from: a table of four readings of the target's test set.
 
-    python benchmarks/dtn_probe.py RUN_OR_CHECKPOINT [...] [--posthoc-steps 1500]
+    python tools/dtn_probe.py RUN_OR_CHECKPOINT [...] [--posthoc-steps 1500]
 
 - ``f_head``: f's own pretraining classifier on x_t, what f knew before any adaptation;
 - ``C``: the reported number, the classifier trained on G(x_s) during the run, on x_t;
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from benchmarks.probe_common import Domains, fit, load_run, predict, reinitialised
+    from tools.probe_common import Domains, fit, load_run, predict, reinitialised
     from uda_cli.data.transforms import normalize
     from uda_cli.errors import UDAError
 

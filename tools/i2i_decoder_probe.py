@@ -1,6 +1,6 @@
 """Do an I2I run's decoders use the latent? Reconstruction error against two references.
 
-    python benchmarks/i2i_decoder_probe.py RUN_OR_CHECKPOINT [...] [--fresh-steps 400]
+    python tools/i2i_decoder_probe.py RUN_OR_CHECKPOINT [...] [--fresh-steps 400]
 
 For each domain (x: the source, y: the target), on up to ``--limit`` train images:
 
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.nn.functional as F
 
-    from benchmarks.probe_common import Domains, fit, load_run
+    from tools.probe_common import Domains, fit, load_run
     from uda_cli.data.transforms import normalize
     from uda_cli.errors import UDAError
 

@@ -9,7 +9,7 @@ stayed on the device, so the runs that collapsed could not be probed afterwards.
 
 Here, before the lease (stdlib only; needs pip and the registry for the wheels)::
 
-    python benchmarks/lease.py pack
+    python tools/lease.py pack
 
 copies the digit datasets the jobs read (MNIST, USPS, the SVHN subset: ~19 MB; MNIST-M's
 128 MB of archives do not fit in a call's 64 MiB) from ``../shared/data`` into ``.lease/data``
@@ -19,10 +19,10 @@ folders are git-ignored; the call names them in ``carry``.
 
 There, in one call (``run`` with ``carry: [".whl", ".lease"]``)::
 
-    python3 benchmarks/lease.py run benchmarks/lease_jobs.txt --parallel 11 --seconds 420 -- --budget paper --device cuda
+    python3 tools/lease.py run tools/lease_jobs.txt --parallel 11 --seconds 420 -- --budget paper --device cuda
 
 installs the wheels into /tmp/site when ``import pydantic`` fails, runs the jobs file through
-``benchmarks/queue.sh`` (N ``digits.py`` jobs at a time), and at ``--seconds`` stops what is
+``tools/queue.sh`` (N ``digits.py`` jobs at a time), and at ``--seconds`` stops what is
 still running with SIGTERM: each trainer then writes a checkpoint of the step it reached
 (``digits.py`` runs save no other). It then writes into ``$OUT`` (the device tool brings back
 at most 8 files of 16 MiB): ``lease.log`` (the machine, the queue's log, what was cut),
@@ -34,7 +34,7 @@ state) of the runs whose method is in ``--weights`` (default pixelda), dropped l
 first, and said so in lease.log, where the archive would pass ``--max-mib``.
 
 Back here: ``cat parts > runs.tar.gz; tar xzf runs.tar.gz``; each run folder then reads with
-``uda evaluate``, ``benchmarks/curves.py`` and ``benchmarks/translation_probe.py``.
+``uda evaluate``, ``tools/curves.py`` and ``tools/translation_probe.py``.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def ensure_packages(wheels: Path, site: Path) -> dict[str, str]:
     found = sorted(wheels.glob("*.whl"))
     if not found:
         raise LeaseError(f"this python has no pydantic and {wheels} holds no wheels; run "
-                         "`python benchmarks/lease.py pack` before the lease and carry .whl")
+                         "`python tools/lease.py pack` before the lease and carry .whl")
     r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                         "--no-cache-dir", "--upgrade", "--target", str(site), *map(str, found)],
                        capture_output=True, text=True)
@@ -122,7 +122,7 @@ def run_queue(jobs: Path, parallel: int, seconds: float, grace: float, work: Pat
               env: dict[str, str], log: list[str]) -> bool:
     """Run the queue in its own process group until it ends or ``seconds`` pass; then SIGTERM
     the group (each trainer keeps a checkpoint), SIGKILL after ``grace``. True if cut."""
-    cmd = ["bash", str(REPO / "benchmarks" / "queue.sh"), str(jobs), str(parallel), str(work / "q"), *digits_args]
+    cmd = ["bash", str(REPO / "tools" / "queue.sh"), str(jobs), str(parallel), str(work / "q"), *digits_args]
     log.append("queue: " + " ".join(cmd))
     with open(work / "queue.out", "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**env, "PYTHON": sys.executable},
@@ -216,7 +216,7 @@ def collect(work: Path, out: Path, weights_for: set[str], max_bytes: int, env: d
     logged = [run for run in runs
               if '"kind": "eval"' in (run / "metrics.jsonl").read_text(errors="replace")]
     if logged:
-        r = subprocess.run([*py, str(REPO / "benchmarks" / "curves.py"), *map(str, logged)],
+        r = subprocess.run([*py, str(REPO / "tools" / "curves.py"), *map(str, logged)],
                            capture_output=True, text=True, env=env)
         (out / "curves.md").write_text(r.stdout + r.stderr)
     done = {p.stem for p in rows}
@@ -267,18 +267,18 @@ def main(argv: list[str] | None = None) -> int:
                 raise LeaseError(f"{n / 2**20:.0f} MiB to carry, past a call's 64 MiB; carry fewer datasets")
             print(f"{n / 2**20:.1f} MiB in {args.dest} and {args.wheels}. The device call (carry: "
                   f'[".whl", ".lease"], timeout_s 600: 420 s of jobs, up to 60 s for them to stop, then the '
-                  "collection):\n  python3 benchmarks/lease.py run benchmarks/lease_jobs.txt --parallel 11 "
+                  "collection):\n  python3 tools/lease.py run tools/lease_jobs.txt --parallel 11 "
                   "--seconds 420 -- --budget paper --device cuda")
             return 0
         out = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
         if out is None:
             raise LeaseError("no $OUT and no --out: give the folder the results go to")
         if not args.jobs.is_file():
-            raise LeaseError(f"no jobs file {args.jobs}; pass a file of 'NAME digits.py-options' lines (benchmarks/lease_jobs.txt)")
+            raise LeaseError(f"no jobs file {args.jobs}; pass a file of 'NAME digits.py-options' lines (tools/lease_jobs.txt)")
         if args.parallel < 1 or args.seconds <= 0:
             raise LeaseError("--parallel and --seconds must be positive")
         if not all((args.data / n).is_dir() for n in DATA):
-            raise LeaseError(f"{args.data} lacks the datasets; run `python benchmarks/lease.py pack` and carry .lease")
+            raise LeaseError(f"{args.data} lacks the datasets; run `python tools/lease.py pack` and carry .lease")
         if any(a == "--shared" or a.startswith("--shared=") for a in digits_args):
             raise LeaseError("the jobs read the carried data; leave --shared out of the digits.py options")
         out.mkdir(parents=True, exist_ok=True)

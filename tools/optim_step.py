@@ -1,6 +1,6 @@
 """What an optimizer step costs, torch's default kernels against the fused ones the trainer uses.
 
-    python benchmarks/optim_step.py [--device cpu|cuda] [--steps 20] [--batch-size 64]
+    python tools/optim_step.py [--device cpu|cuda] [--steps 20] [--batch-size 64]
 
 For each digit network (LeNet, 0.66M parameters; the SVHN network, 25.9M) and each optimizer
 the methods use (Adam with source-only's settings, SGD with DANN's), built as the trainer builds

@@ -3,8 +3,8 @@
 # runs at once far better than one after another: session 19 ran 8 + 3 at a time on one H100
 # (DANN 10,000 steps in ~80-300 s each, I2I ~15 minutes each, all sharing the card).
 #
-#   benchmarks/queue.sh JOBS N OUT [digits.py options for every job...]
-#   benchmarks/queue.sh benchmarks/paper_jobs.txt 8 runs/paper --budget paper --device cuda
+#   tools/queue.sh JOBS N OUT [digits.py options for every job...]
+#   tools/queue.sh tools/paper_jobs.txt 8 runs/paper --budget paper --device cuda
 #
 # JOBS holds one job a line, "NAME digits.py-options..." (blank and '#' lines skipped), run in
 # file order as workers free up. Each job writes OUT/NAME.json (its rows, rewritten after
@@ -17,14 +17,14 @@
 # Options are split at spaces: pass none that holds one.
 set -euo pipefail
 if [ $# -lt 3 ]; then
-  echo "usage: benchmarks/queue.sh JOBS N OUT [digits.py options...]" >&2; exit 2
+  echo "usage: tools/queue.sh JOBS N OUT [digits.py options...]" >&2; exit 2
 fi
 jobs=$1; n=$2; out=$3; shift 3
 [ -f "$jobs" ] || { echo "queue.sh: no jobs file $jobs; pass a file of 'NAME options' lines" >&2; exit 2; }
 [[ "$n" =~ ^[1-9][0-9]*$ ]] || { echo "queue.sh: N=$n: give how many jobs run at once, a whole number >= 1" >&2; exit 2; }
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$out"; out=$(cd "$out" && pwd)
-export QUEUE_OUT=$out QUEUE_DIGITS=$here/digits.py QUEUE_PY=${PYTHON:-python3} PYTHONUNBUFFERED=1
+export QUEUE_OUT=$out QUEUE_DIGITS=$here/../benchmarks/digits.py QUEUE_PY=${PYTHON:-python3} PYTHONUNBUFFERED=1
 export QUEUE_COMMON="$*"
 # The data once, before any job: two jobs unpacking MNIST-M into one root at once would clash.
 pairs=$(grep -v '^[[:space:]]*#' "$jobs" | grep -o -- '--pairs [^ ]*' | cut -d' ' -f2 | tr ',' '\n' | sort -u | paste -sd, -)

@@ -1,6 +1,6 @@
 """Does a run's translator keep the digit? A table that measures it, for any method that translates.
 
-    python benchmarks/translation_probe.py RUN_OR_CHECKPOINT [...] [--oracle-steps 2000]
+    python tools/translation_probe.py RUN_OR_CHECKPOINT [...] [--oracle-steps 2000]
 
 A preview PNG (``uda adapt-images RUN --limit 16``) shows a collapsed translator to the eye;
 this puts numbers on it. An *oracle* (the house LeNet, ``digit_backbone("lenet")``) is trained
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from benchmarks.probe_common import Domains, fit, predict
+    from tools.probe_common import Domains, fit, predict
     from uda_cli.data.registry import flat_name, parse_domain
     from uda_cli.data.transforms import normalize
     from uda_cli.engine import checkpoint as ckpt

@@ -211,7 +211,7 @@ class I2I(Method):
     def new_decoders(self, z_dim: int, heads: int = 2) -> tuple[torch.nn.Module, ...]:
         """Untrained (g, g_x, g_y) for latents of z_dim, built in that order: the shared trunk
         and ``heads`` domains' own layers, split as ``decoder_shared_layers`` says.
-        benchmarks/i2i_decoder_probe.py builds its fresh decoder (trunk + one head) here too."""
+        tools/i2i_decoder_probe.py builds its fresh decoder (trunk + one head) here too."""
         shared = self.cfg.decoder_shared_layers
         g = DecoderTrunk(z_dim, shared_layers=shared)
         return (g, *(DecoderHead(self.spec.channels, g.out_channels, own_layers=3 - shared) for _ in range(heads)))
