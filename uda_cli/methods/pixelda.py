@@ -140,7 +140,8 @@ class PixelDA(Method):
         d_image_noise: bool = Field(True, description="also add that noise to the images D sees")
         d_dropout: float = Field(0.1, ge=0, lt=1, description="dropout after each D conv block (keep prob 0.9)")
         task_net: Literal["auto", "lenet", "svhn"] = Field(
-            "auto", description="T: auto = LeNet for grey runs, the DANN SVHN network for colour runs"
+            "auto", description="T: auto = the DANN SVHN network when a domain is SVHN, else LeNet with the run's "
+            "channels (MNIST -> MNIST-M too)"
         )
 
     tasks = {"classification"}
