@@ -84,11 +84,18 @@ def test_export_manifest_preview_and_train_on_it(runs, tmp_path, capsys):
     with torch.no_grad():
         want = denormalize(method.translate(normalize(x[17:18]), z))[0].permute(1, 2, 0).numpy()
     assert np.array_equal(np.asarray(Image.open(out / "7" / "17.png")), want)
-    # The preview: 16 sources above 16 translations, cells scaled to 64 px with 2 px gaps.
+    # The preview: 16 sources above 16 translations, cells scaled to 64 px with 2 px gaps,
+    # after a left margin that names the rows ("source", "translated").
     with Image.open(out / "preview.png") as im:
         im.load()
-        assert im.size == (2 + 16 * 66, 2 + 2 * 66)
-        assert np.array_equal(np.asarray(im)[2 + 66 : 2 + 66 + 64 : 2, 2:66:2], np.asarray(Image.open(out / "0" / "0.png")))
+        margin = im.size[0] - (2 + 16 * 66)
+        assert im.size[1] == 2 + 2 * 66 and 20 < margin < 200
+        a = np.asarray(im)
+        assert np.array_equal(a[2 + 66 : 2 + 66 + 64 : 2, margin + 2 : margin + 66 : 2], np.asarray(Image.open(out / "0" / "0.png")))
+        for row in range(2):  # each row's name is drawn (dark pixels) beside it, not elsewhere
+            band = a[2 + row * 66 : 2 + row * 66 + 64, :margin]
+            assert (band < 128).any()
+        assert not (a[:2, :margin] < 128).any()
 
     code, stdout, err = run(["train", "--method", "source-only", "--src", f"folder:{out}", "--tgt", "tiny-rgb",
                              "--steps", "2", "--batch-size", "4", "--device", "cpu", "--out", str(tmp_path / "on-exp")],

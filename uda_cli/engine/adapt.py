@@ -6,7 +6,8 @@ The export is a folder that ``--src folder:DIR`` reads back (``uda_cli/data/fold
   ``--samples-per-image K > 1``), ``index`` being the image's position in the source split;
 - ``DIR/manifest.json``: what was exported, from which checkpoint (path and sha256), with
   which settings, and how many images it holds;
-- ``DIR/preview.png``: the first source images (top row) above their translations.
+- ``DIR/preview.png``: the first source images (top row) above their translations, each row
+  named in a left margin ("source", "translated").
 
 Segmentation (LSD-seg's generator, a later issue) plugs in as another :class:`Layout`
 (``images/<name>.png`` with the label map copied to ``labels/<name>.png``) and another
@@ -243,7 +244,8 @@ def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
 
 
 def _preview(out: Path, layout: Layout, images: torch.Tensor, labels: list[int], n: int) -> Path:
-    """Source images on top, their translations (read back from disk: what was written) below."""
+    """Source images on top, their translations (read back from disk: what was written) below,
+    each row named in a left margin ("source", "translated" or "translated k" per sample)."""
     from PIL import Image
 
     m = min(PREVIEW_IMAGES, n)
@@ -255,8 +257,10 @@ def _preview(out: Path, layout: Layout, images: torch.Tensor, labels: list[int],
                 a = np.asarray(im)
             row.append(a if a.ndim == 3 else a[:, :, None])
         rows.append(np.stack(row))
+    k = len(rows) - 1
+    names = ["source"] + (["translated"] if k == 1 else [f"translated {i + 1}" for i in range(k)])
     path = out / PREVIEW
-    ckpt.atomic_write_bytes(path, png_bytes(grid(rows)))
+    ckpt.atomic_write_bytes(path, png_bytes(grid(rows, labels=names)))
     return path
 
 
