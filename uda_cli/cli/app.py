@@ -82,8 +82,21 @@ def _quiet_other_ranks() -> None:
         sys.stdout = open(os.devnull, "w")  # rank 0 speaks for the job
 
 
+def _one_line_warnings() -> None:
+    """A warning of ours (a dataset's odd files, counted once) prints as one ``warning:`` line,
+    not Python's file:line and source echo; UDA_DEBUG=1 keeps Python's own format."""
+    import warnings
+
+    def fmt(message, category, filename, lineno, line=None):
+        return f"warning: {message}\n"
+
+    warnings.formatwarning = fmt
+
+
 def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("UDA_DEBUG") == "1"
+    if not debug:
+        _one_line_warnings()
     _quiet_other_ranks()
     command = typer.main.get_command(app)
     try:

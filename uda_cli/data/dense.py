@@ -13,8 +13,8 @@ Sources are picklable (they hold paths and small tables, never decoded images), 
 ``DataLoader`` workers read them; ``engine``-side resizing, cropping and augmentation
 happen in :mod:`uda_cli.data.streaming`.
 
-Images decode with ``torchvision.io`` (libpng/libjpeg, no PIL round trip); see
-``benchmarks/segmentation_speed.py`` for the measured comparison with PIL.
+Images decode with PIL, labels with ``torchvision.io.decode_png`` (16-bit colour PNGs);
+``benchmarks/segmentation_speed.py`` measures the two decoders side by side.
 """
 
 from __future__ import annotations
@@ -53,27 +53,42 @@ class DenseSource:
 
 
 def read_image(path: Path):
-    """An image file -> uint8 tensor [3, H, W] (grey is repeated, alpha dropped)."""
+    """An image file -> uint8 tensor [3, H, W] (grey is repeated, alpha dropped), decoded by PIL.
+
+    PIL, not ``torchvision.io``: on a 1914x1052 GTA5-sized PNG PIL decodes in ~40 ms against
+    ~46 ms on one core here (``benchmarks/segmentation_speed.py``), and torchvision 0.29
+    deprecates its image decoders in favour of TorchCodec.
+    """
     import torch
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    from PIL import Image, UnidentifiedImageError
 
     try:
-        x = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError) as e:
+        with Image.open(path) as im:
+            a = np.array(im.convert("RGB") if im.mode != "RGB" else im)  # a writable copy, as torch wants
+    except (OSError, UnidentifiedImageError, ValueError) as e:
         raise DataError(f"cannot read the image {path} ({str(e).splitlines()[0]}); the file is damaged or not an "
                         "image: download it again or remove it") from None
-    return x if x.dtype == torch.uint8 else x.to(torch.uint8)
+    return torch.from_numpy(a).permute(2, 0, 1)
 
 
 def read_png_unchanged(path: Path) -> np.ndarray:
-    """A PNG's stored values, unchanged: [H, W] or [H, W, C], uint8 or uint16 (palette PNGs give indices)."""
-    from torchvision.io import ImageReadMode, decode_png, read_file
+    """A PNG's stored values, unchanged: [H, W] or [H, W, C], uint8 or uint16 (palette PNGs give indices).
 
-    try:
-        x = decode_png(read_file(str(path)), mode=ImageReadMode.UNCHANGED)
-    except (RuntimeError, ValueError) as e:
-        raise DataError(f"cannot read the label {path} ({str(e).splitlines()[0]}); the file is damaged or not a "
-                        "PNG: download it again or remove it") from None
+    ``torchvision.io.decode_png``: PIL cannot read 16-bit colour PNGs (SYNTHIA's labels), and
+    labels are small next to the images. Its deprecation warning (torchvision 0.29) is silenced
+    here; a release without it would need another 16-bit reader for SYNTHIA.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import ImageReadMode, decode_png, read_file
+
+        try:
+            x = decode_png(read_file(str(path)), mode=ImageReadMode.UNCHANGED)
+        except (RuntimeError, ValueError) as e:
+            raise DataError(f"cannot read the label {path} ({str(e).splitlines()[0]}); the file is damaged or not a "
+                            "PNG: download it again or remove it") from None
     a = x.permute(1, 2, 0).numpy()
     return a[..., 0] if a.shape[-1] == 1 else a
 
