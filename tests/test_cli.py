@@ -84,7 +84,7 @@ def test_config_file_unknown_field(tmp_path, capsys):
     cfg = tmp_path / "bad.toml"
     cfg.write_text('method = "source-only"\nsrc = "tiny-src"\ntgt = "tiny-tgt"\nstepz = 3\n')
     code, _, err = run(["train", "--config", str(cfg)], capsys)
-    assert code == 2 and "--stepz: unknown option" in err
+    assert code == 2 and f"{cfg}: field 'stepz' is unknown (did you mean 'steps'?)" in err
     code, _, err = run(["train", "--config", str(tmp_path / "nope.toml")], capsys)
     assert code == 2 and "no file at" in err
     (tmp_path / "broken.toml").write_text("method = \n")

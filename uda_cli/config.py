@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from uda_cli.errors import ConfigError
+from uda_cli.errors import ConfigError, did_you_mean
 
 # The forward passes' precision (uda_cli.engine.runtime.autocast_for); the CLI's choices and
 # benchmarks/digits.py's are read from here.
@@ -368,57 +368,104 @@ def option_name(field: str) -> str:
 
 def validation_lines(e: ValidationError, prefix: str | None = None) -> list[str]:
     """One ``<option>: <problem>`` line per pydantic error."""
-    lines = []
-    for err in e.errors():
-        loc = [str(p) for p in err["loc"]]
-        if prefix is not None:
-            name = f"{prefix} {'.'.join(loc)}".strip()
-        else:
-            name = option_name(loc[0]) if loc else "options"
-            if len(loc) > 1:
-                name += "." + ".".join(loc[1:])
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown option" if prefix is None else "unknown hyperparameter for this method"
-        lines.append(f"{name}: {msg}")
-    return lines
+    return [_option_line(err, prefix) for err in e.errors()]
 
 
-def method_config(method: str, params: dict[str, Any], source: str = "--set"):
-    """Validate hyperparameters with the method's own ``Config`` (unknown names rejected)."""
+def _option_line(err: Any, prefix: str | None = None) -> str:
+    loc = [str(p) for p in err["loc"]]
+    if prefix is not None:
+        name = f"{prefix} {'.'.join(loc)}".strip()
+    else:
+        name = option_name(loc[0]) if loc else "options"
+        if len(loc) > 1:
+            name += "." + ".".join(loc[1:])
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown option" if prefix is None else "unknown hyperparameter for this method"
+    return f"{name}: {msg}"
+
+
+def method_config(method: str, params: dict[str, Any], source: str = "--set", files: dict[str, str] | None = None):
+    """Validate hyperparameters with the method's own ``Config`` (unknown names rejected).
+
+    A problem is named after where the value came from: ``source`` (``--set lr: ...``), or for
+    a name in ``files`` (name -> the config file that set it) that file's ``[params]`` table
+    (``run.toml: [params] field 'lr': ...``). An unknown name gets the closest known one."""
     from uda_cli.methods.registry import get_method
 
     cls = get_method(method)
     try:
         return cls.Config(**params)
     except ValidationError as e:
-        known = ", ".join(sorted(cls.Config.model_fields))
-        raise ConfigError("\n".join(validation_lines(e, prefix=source) + [f"{method} hyperparameters: {known}"])) from None
+        known = sorted(cls.Config.model_fields)
+        lines = []
+        for err in e.errors():
+            loc = [str(p) for p in err["loc"]]
+            file = (files or {}).get(loc[0]) if loc else None
+            if err["type"] == "extra_forbidden":
+                hint = did_you_mean(loc[0], known)
+                lines.append(f"{file}: [params] field {loc[0]!r} is unknown to {method}{hint}" if file else
+                             f"{source} {loc[0]}: unknown hyperparameter of {method}{hint}")
+                continue
+            msg = err["msg"].removeprefix("Value error, ")
+            if file:
+                lines.append(f"{file}: [params] field {'.'.join(loc)!r}: {msg}")
+            elif loc:
+                lines.append(f"{source} {'.'.join(loc)}: {msg}")
+            else:  # the Config's own check of several fields: name the file when only it set them
+                only_file = files and set(params) <= set(files)
+                lines.append(f"{next(iter(files.values()))}: [params]: {msg}" if only_file else f"{source}: {msg}")
+        raise ConfigError("\n".join(lines + [f"{method} hyperparameters: {', '.join(known)}"])) from None
+
+
+def _file_line(err: Any, file: str, written: dict[str, str]) -> str:
+    """The line for an error in a field a config file set (``written``: field -> the key as the
+    file spells it): ``run.toml: field 'stpes' is unknown (did you mean 'steps'?)``."""
+    loc = [str(p) for p in err["loc"]]
+    key = written.get(loc[0], loc[0])
+    if err["type"] == "extra_forbidden":
+        fields = [f for f in TrainOptions.model_fields if f != "params"]
+        if "_" not in key:  # suggest in the file's own spelling: batch-size where keys are dashed
+            fields = [f.replace("_", "-") for f in fields]
+        return f"{file}: field {key!r} is unknown{did_you_mean(key, fields)}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{file}: field {'.'.join([key, *loc[1:]])!r}: {msg}"
 
 
 def merge_train_options(config: Path | None, flags: dict[str, Any], sets: dict[str, Any]) -> TrainOptions:
     """File values, overridden by the flags that were given, then ``--set`` on top of ``[params]``.
 
-    Every problem is reported at once, the method's hyperparameters included.
+    Every problem is reported at once, the method's hyperparameters included, each named after
+    where its value came from: the flag, ``--set NAME``, or the config file and its field.
     """
-    data: dict[str, Any] = read_toml(config) if config else {}
-    data = {k.replace("-", "_"): v for k, v in data.items()}
+    raw: dict[str, Any] = read_toml(config) if config else {}
+    written = {k.replace("-", "_"): k for k in raw}  # field -> the key as the file spells it
+    data = {k.replace("-", "_"): v for k, v in raw.items()}
+    from_file = set(data)
     for k, v in flags.items():
         if v is not None:
             data[k] = v
-    params = dict(data.get("params") or {})
-    params.update(sets)
-    data["params"] = params
+            from_file.discard(k)
     lines: list[str] = []
+    file_params = data.get("params", {})
+    if not isinstance(file_params, dict):
+        lines.append(f"{config}: field {written.get('params', 'params')!r} must be a table: a [params] section "
+                     "of name = value lines")
+        file_params = {}
+    params = {**file_params, **sets}
+    data["params"] = params
     opts = None
     try:
         opts = TrainOptions.model_validate(data)
     except ValidationError as e:
-        lines += validation_lines(e)
+        for err in e.errors():
+            in_file = bool(err["loc"]) and str(err["loc"][0]) in from_file
+            lines.append(_file_line(err, str(config), written) if in_file else _option_line(err))
     method = data.get("method")
-    if isinstance(method, str) and not any(l.startswith("--method:") for l in lines):
+    if isinstance(method, str) and not any(l.startswith("--method:") or "field 'method'" in l for l in lines):
+        files = {name: str(config) for name in params if name not in sets} if config else None
         try:
-            method_config(method, params)
+            method_config(method, params, files=files)
         except ConfigError as e:
             lines += str(e).splitlines()
     if lines:

@@ -8,8 +8,27 @@ single line (what went wrong and what to do next) and the process exits with
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'steps'?)`` for the choice closest to a mistyped ``name``, or ``""``
+    when none is close. Case and ``-`` / ``_`` are ignored (``batch-size`` finds
+    ``batch_size``); the suggestion is spelled as the choice is."""
+    choices = list(choices)
+
+    def norm(s: str) -> str:
+        return s.lower().replace("-", "_")
+
+    by_norm = {norm(c): c for c in choices}
+    key = norm(name)
+    if key in by_norm and by_norm[key] != name:
+        return f" (did you mean {by_norm[key]!r}?)"
+    close = difflib.get_close_matches(key, list(by_norm), n=1, cutoff=0.5)
+    return f" (did you mean {by_norm[close[0]]!r}?)" if close else ""
 
 
 class UDAError(Exception):

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import difflib
 from typing import TYPE_CHECKING
 
-from uda_cli.errors import ConfigError
+from uda_cli.errors import ConfigError, did_you_mean
 
 if TYPE_CHECKING:
     from uda_cli.methods.base import Method
@@ -36,7 +35,6 @@ def list_methods() -> list[str]:
 def get_method(name: str) -> type["Method"]:
     _ensure_builtin()
     if name not in _METHODS:
-        close = difflib.get_close_matches(name, _METHODS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown method {name!r}{hint}; known methods: {', '.join(sorted(_METHODS))}")
+        raise ConfigError(f"unknown method {name!r}{did_you_mean(name, _METHODS)}; "
+                          f"known methods: {', '.join(sorted(_METHODS))}")
     return _METHODS[name]
