@@ -169,3 +169,21 @@ def test_tasks_differ_and_missing_data_are_one_line(street, tmp_path, capsys):
     code, _, err = cli(["train", "--method", "source-only", "--src", "mnist2000", "--tgt", "usps1800", "--crop",
                         "16x16", "--out", str(tmp_path / "c")], capsys)
     assert code == 2 and "--crop applies to segmentation domains" in err, err
+
+
+def test_typos_and_commands_that_do_not_handle_segmentation_yet(tmp_path, capsys):
+    code, _, err = cli(["train", "--method", "source-only", "--src", "mnist-scene-mini", "--tgt", "mnistm-scenes-mini",
+                        "--out", str(tmp_path / "a")], capsys)
+    assert code == 2 and "did you mean 'mnist-scenes-mini'?" in err, err
+    code, _, err = cli(["train", "--method", "source-only", "--src", "mnist-scenes-mini", "--tgt",
+                        "mnistm-scenes-mini", "--set", "model=deeplab_small", "--out", str(tmp_path / "b")], capsys)
+    assert code == 2 and "did you mean 'deeplabv2_small'?" in err, err
+    run = tmp_path / "run"
+    code, out, err = cli(["train", "--method", "source-only", "--src", "mnist-scenes-mini", "--tgt",
+                          "mnistm-scenes-mini", "--steps", "2", "--batch-size", "2", "--workers", "0", "--device",
+                          "cpu", "--out", str(run)], capsys)
+    assert code == 0 and "target mIoU (mnistm-scenes-mini:test)" in out, err
+    code, _, err = cli(["tsne", str(run)], capsys)
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "segmentation" in err, err
+    code, _, err = cli(["adapt-images", str(run), "--out", str(tmp_path / "x")], capsys)
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "does not translate images" in err, err

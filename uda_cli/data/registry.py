@@ -22,9 +22,9 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
-from uda_cli.errors import ConfigError
+from uda_cli.errors import ConfigError, did_you_mean
 
 Task = Literal["classification", "segmentation"]
 DIGIT_CLASSES = tuple(str(i) for i in range(10))
@@ -41,7 +41,8 @@ class DomainSpec:
     train_split: str  # what a run trains on
     eval_split: str  # what a run evaluates on by default
     dataset: str | None  # the `uda download` name holding its files; None: ships in the package
-    reader: Callable[[Path, str], tuple]  # (dataset folder, split) -> (images, labels)
+    # (dataset folder, split) -> (images, labels) for classification, a DenseSource for segmentation
+    reader: Callable[[Path, str], Any]
     description: str = ""
     notes: dict[str, str] = field(default_factory=dict)
     # Segmentation: named subsets of the classes (train ids) that evaluation also averages
@@ -96,7 +97,8 @@ def get_domain(name: str) -> DomainSpec:
     _ensure_builtin()
     if name not in _DOMAINS:
         known = ", ".join(sorted(_DOMAINS))
-        raise ConfigError(f"unknown domain {name!r}; known domains: {known}, or folder:PATH for your own images")
+        raise ConfigError(f"unknown domain {name!r}{did_you_mean(name, _DOMAINS)}; known domains: {known}, "
+                          "or folder:PATH for your own images")
     return _DOMAINS[name]
 
 

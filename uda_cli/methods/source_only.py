@@ -30,9 +30,9 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from uda_cli.errors import ConfigError
+from uda_cli.errors import ConfigError, did_you_mean
 from uda_cli.methods.base import Method, MethodConfig
 from uda_cli.methods.registry import register_method
 from uda_cli.models.digits import digit_backbone
@@ -52,6 +52,17 @@ class SourceOnly(Method):
                                                "auto: the domain's own choice, else deeplabv2_r101")
         pretrained: str = Field("auto", description="segmentation initialisation: imagenet, none, or a .safetensors "
                                                     "file; auto: imagenet for the big networks, none for the small")
+
+        @field_validator("model")
+        @classmethod
+        def _known_model(cls, v: str) -> str:
+            from uda_cli.models.registry import list_models
+
+            known = list_models("segmentation")
+            if v != "auto" and v not in known:
+                raise ValueError(f"unknown segmentation network {v!r}{did_you_mean(v, known)}; known: "
+                                 f"{', '.join(known)}")
+            return v
 
     tasks = {"classification", "segmentation"}
 

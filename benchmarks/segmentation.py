@@ -1,0 +1,195 @@
+"""Segmentation benchmark: train and evaluate methods on segmentation pairs and print a markdown table.
+
+    python benchmarks/segmentation.py --pairs scenes --methods source-only,oracle --budget cpu --seeds 0,1,2
+    python benchmarks/segmentation.py --pairs scenes-mini --budget smoke
+    python benchmarks/segmentation.py --pairs gta5-cityscapes --budget paper --device cuda --data-root /data
+    python benchmarks/segmentation.py --from-json rows.json --per-class
+
+Pairs (mIoU on the target's evaluation split, the final checkpoint, whole images, no flip):
+- scenes:             mnist-scenes -> mnistm-scenes, tested on its 2,000 fixed test scenes.
+                      Needs MNIST and MNIST-M: linked / installed from ``--shared``.
+- scenes-mini:        mnist-scenes-mini -> mnistm-scenes-mini (ship with uda), 500 test scenes.
+- gta5-cityscapes:    gta5 -> cityscapes, tested on cityscapes:val (500 images, 19 classes).
+- synthia-cityscapes: synthia -> cityscapes:val; the row adds the 16- and 13-class means.
+
+Methods: any ``uda train`` method, plus ``oracle``: source-only trained on the target's own
+labelled train split (the upper bound every table quotes beside source-only).
+
+Budgets: ``smoke`` (seconds, for tests), ``cpu`` (digit scenes on 2 CPU cores: the method's
+CPU recipe), ``paper`` (the method's own defaults, for a GPU). Throughput counts source +
+target images per second of training steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _digits_module():
+    """benchmarks/digits.py, for its data-root preparation and device naming (one copy of each)."""
+    spec = importlib.util.spec_from_file_location("_bench_digits", Path(__file__).with_name("digits.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up while it loads
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@dataclass(frozen=True)
+class Pair:
+    src: str
+    tgt: str
+    eval: str
+    shared: tuple[str, ...] = ()  # datasets taken from --shared into the data root
+
+
+PAIRS = {
+    "scenes": Pair("mnist-scenes", "mnistm-scenes", "mnistm-scenes:test", ("mnist", "mnistm")),
+    "scenes-mini": Pair("mnist-scenes-mini", "mnistm-scenes-mini", "mnistm-scenes-mini:test"),
+    "gta5-cityscapes": Pair("gta5", "cityscapes", "cityscapes:val"),
+    "synthia-cityscapes": Pair("synthia", "cityscapes", "cityscapes:val"),
+}
+# Budgets: (steps or None for the method's default, batch size or None, extra train options).
+BUDGETS = {
+    "smoke": (20, 4, {}),
+    "cpu": (None, None, {}),
+    "paper": (None, None, {}),
+}
+
+
+def prepare_data_root(shared: Path, root: Path, pairs: list[str]) -> None:
+    """MNIST linked and MNIST-M installed from ``shared`` (never copied into the repo), as digits.py does."""
+    needs = {d for p in pairs for d in PAIRS[p].shared}
+    if not needs:
+        return
+    digits = _digits_module()
+    digits.PAIRS.setdefault("_scenes", digits.Pair("mnist", "mnistm", "mnistm:test", "_scenes"))
+    digits.prepare_data_root(shared, root, ["_scenes"])
+
+
+def run_one(method: str, pair_key: str, seed: int, device: str, data_root: Path, out: Path, steps: int | None,
+            batch_size: int | None, params: dict, workers: int | None, precision: str = "auto") -> dict:
+    from uda_cli.config import EvaluateOptions, TrainOptions
+    from uda_cli.engine.evaluate import evaluate_checkpoint
+    from uda_cli.engine.trainer import train
+
+    pair = PAIRS[pair_key]
+    src, train_method = (pair.tgt, "source-only") if method == "oracle" else (pair.src, method)
+    t0 = time.perf_counter()
+    opts = TrainOptions(method=train_method, src=src, tgt=pair.tgt, steps=steps, batch_size=batch_size, seed=seed,
+                        out=out, device=device, data_root=data_root, eval_every=0, save_every=10_000_000,
+                        log_every=100, params=params, precision=precision, workers=workers)
+    result = train(opts, interactive=False)
+    if result.interrupted_by is not None:
+        raise SystemExit(128 + int(result.interrupted_by))
+    report, _ = evaluate_checkpoint(EvaluateOptions(target=out, domain=pair.eval, device=device, data_root=data_root,
+                                                    workers=workers))
+    config = json.loads((out / "config.json").read_text())
+    return {
+        "method": method, "pair": pair_key, "seed": seed, "steps": result.step,
+        "batch_size": config["options"]["batch_size"], "model": config["config"].get("model"),
+        "params": params, "miou": report["miou"],
+        **{k: v for k, v in report.items() if k.startswith("miou_")},
+        "per_class_iou": report["per_class_iou"], "pixel_accuracy": report["pixel_accuracy"],
+        "wall_s": time.perf_counter() - t0, "img_s": result.images_seen / max(result.train_seconds, 1e-9),
+    }
+
+
+def _mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
+
+
+def fmt_table(rows: list[dict], budget: str, device: str, per_class: bool = False) -> str:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        key = (r["method"], r["pair"], r["steps"], r["batch_size"], json.dumps(r.get("params", {}), sort_keys=True))
+        groups.setdefault(key, []).append(r)
+    lines = [f"budget {budget}, device {device}; mIoU % on the target's evaluation split (final checkpoint), "
+             "mean ± std over seeds", "",
+             "| method | pair | steps | batch | params | seeds | mIoU | other means | wall s | img/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (method, pair, steps, batch, params), rs in groups.items():
+        others = sorted({k for r in rs for k in r if k.startswith("miou_")})
+        other = ", ".join(f"{k[5:]}: {_mean_std([100 * r[k] for r in rs if r.get(k) is not None])}" for k in others) or "–"
+        ptxt = " ".join(f"{k}={v}" for k, v in json.loads(params).items()) or "–"
+        lines.append(f"| {method} | {pair} | {steps} | {batch} | {ptxt} | {','.join(str(r['seed']) for r in rs)} | "
+                     f"{_mean_std([100 * r['miou'] for r in rs])} | {other} | "
+                     f"{statistics.mean(r['wall_s'] for r in rs):.0f} | {statistics.mean(r['img_s'] for r in rs):.1f} |")
+    if per_class:
+        for (method, pair, *_), rs in groups.items():
+            classes = list(rs[0]["per_class_iou"])
+            lines += ["", f"per-class IoU %, {method} on {pair}", "",
+                      "| " + " | ".join(classes) + " |", "|" + "---|" * len(classes),
+                      "| " + " | ".join(_mean_std([100 * r["per_class_iou"][c] for r in rs
+                                                   if r["per_class_iou"][c] is not None]) if any(
+                          r["per_class_iou"][c] is not None for r in rs) else "–" for c in classes) + " |"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", default="source-only,oracle")
+    ap.add_argument("--pairs", default="scenes")
+    ap.add_argument("--budget", choices=tuple(BUDGETS), default="cpu")
+    ap.add_argument("--seeds", default="0", metavar="S,S,...")
+    ap.add_argument("--steps", type=int, help="override the budget's steps")
+    ap.add_argument("--batch-size", type=int, help="override the budget's batch size")
+    ap.add_argument("--set", action="append", metavar="NAME=VALUE", dest="sets", default=[])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    ap.add_argument("--workers", type=int, help="data loader workers per domain (default: uda's)")
+    ap.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
+    ap.add_argument("--data-root", type=Path, default=Path(tempfile.gettempdir()) / "uda-bench-data")
+    ap.add_argument("--out", type=Path, help="keep run folders here (default: a temporary folder)")
+    ap.add_argument("--json", type=Path, help="also write the raw rows here (rewritten after every run)")
+    ap.add_argument("--from-json", type=Path, nargs="+", help="print one table from rows saved by earlier --json runs")
+    ap.add_argument("--per-class", action="store_true", help="also print per-class IoU tables")
+    args = ap.parse_args(argv)
+
+    if args.from_json:
+        rows = [r for f in args.from_json for r in json.loads(f.read_text())]
+        print(fmt_table(rows, "(from json)", "(from json)", args.per_class))
+        return 0
+    from uda_cli.config import parse_set
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    pairs = [p.strip() for p in args.pairs.split(",") if p.strip()]
+    bad = [p for p in pairs if p not in PAIRS]
+    if bad:
+        ap.error(f"unknown pair {bad[0]!r}; pairs: {', '.join(PAIRS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    params = parse_set(args.sets)
+    steps, batch, _extra = BUDGETS[args.budget]
+    steps, batch = args.steps or steps, args.batch_size or batch
+    prepare_data_root(args.shared, args.data_root, pairs)
+    device = _digits_module().device_name(args.device)
+    out_root = args.out or Path(tempfile.mkdtemp(prefix="uda-seg-bench-"))
+    rows: list[dict] = []
+    for pair in pairs:
+        for method in methods:
+            for seed in seeds:
+                name = f"{method}_{pair}_{args.budget}" + (f"_steps{steps}" if args.steps else "") + \
+                       "".join(f"_{k}-{v}" for k, v in sorted(params.items())) + f"_s{seed}"
+                row = run_one(method, pair, seed, args.device, args.data_root, out_root / name, steps, batch, params,
+                              args.workers, args.precision)
+                row["device"] = device
+                rows.append(row)
+                print(f"{name}: mIoU {100 * row['miou']:.2f} ({row['wall_s']:.0f} s)", file=sys.stderr, flush=True)
+                if args.json:
+                    args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    print(fmt_table(rows, args.budget, device, args.per_class))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
