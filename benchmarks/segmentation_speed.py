@@ -1,0 +1,554 @@
+"""Segmentation speed: the segmentation networks' training step and the training loader, as markdown tables.
+
+    python benchmarks/segmentation_speed.py --device cuda --models deeplabv2_r101 --precision fp32,bf16
+    python benchmarks/segmentation_speed.py --parts train --models deeplabv2_small --size 64x64 --tgt-size 64x64 --batch 16
+    python benchmarks/segmentation_speed.py --parts train --models deeplabv2_r101 --size 320x160 --tgt-size 320x160 --steps 3
+    python benchmarks/segmentation_speed.py --parts loader --files 24 --workers 0,1,2,4 --keep /tmp/uda-seg-speed-files
+
+Training step (``--parts train``): each network of ``--models`` is built with ``pretrained="none"``
+(19 classes) and trained with SGD on its ``param_groups`` (lr 2.5e-4, 10x on the head, momentum
+0.9, weight decay 5e-4: ADVENT's recipe). One step, as uda's trainer runs it: zero the gradients;
+forward the source batch (``--batch`` images of ``--size``, random pixels and labels) under the
+precision's autocast; the pixel cross-entropy (``source_only.segmentation_loss``: logits upsampled
+to the labels); backward outside autocast; then the target batch (``--batch`` images of
+``--tgt-size``) by ``--target-pass``: ``forward`` (default) one forward with autograd on, its
+graph dropped (the target half of an ADVENT step before its adversarial backward), ``entropy``
+forward plus an entropy-loss backward (MinEnt; ADVENT's full target work without its small
+discriminator), ``none`` (source-only); then ``optimizer.step()``. Defaults are ADVENT's: source
+1280x720, target 1024x512, batch 1 + 1. ms/step is the median of ``--steps`` timed steps after
+``--warmup`` untimed ones (CUDA: synchronised before and after each); images/s counts source +
+target images. Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (the caching allocator's
+live tensors, weights included) from before the first step; on the CPU the process's peak
+resident set (``VmHWM`` of /proc/self/status, reset before the first step by writing 5 to
+/proc/self/clear_refs; without that file, ``resource.getrusage``'s ``ru_maxrss``, a lifetime
+high-water mark that can only hide a smaller later peak). "step MiB" is that peak minus what was
+held just before the first step (weights and inputs built): activations, gradients and momentum.
+``--channels-last`` also measures each network in channels_last (what uda's trainer uses for
+segmentation on CUDA; inputs stay NCHW, as there). bf16 is autocast, on the CPU too.
+
+Loader (``--parts loader``): writes ``--files`` synthetic frames per dataset (photo-like: smooth
+colour fields, gradients and noise, so PNG compression is realistic at ~3.5 MB a frame) in the
+layouts uda reads, GTA5 (``gta5/images/NNNNN.png`` 1914x1052 RGB + ``gta5/labels/NNNNN.png``
+palette PNGs of Cityscapes label ids) and Cityscapes (``leftImg8bit/train/<city>/..._leftImg8bit.png``
+2048x1024 + ``gtFine/train/<city>/..._gtFine_labelIds.png``), in a temporary folder or ``--keep
+DIR`` (reused when it holds the same files). Then, on the same files:
+
+- uda: ``load_dense`` + ``DenseDataset`` (resize to the run size: GTA5 1280x720, Cityscapes 1024x512,
+  no augmentation) + ``DenseStream`` (batch 1, ``N`` DataLoader workers for each N of
+  ``--workers``, batches moved to ``--device``): images/s over the ``--files`` batches after the
+  first (the first, which starts the workers, is the "first batch" column);
+- PIL, serially, as ADVENT's datasets load a sample (``advent/dataset/base_dataset.py``):
+  ``Image.open``, ``convert("RGB")``, ``resize`` to the run size with ``Image.BICUBIC``,
+  ``np.asarray``; the label ``Image.open``, ``resize`` with ``Image.NEAREST``, ``np.asarray``.
+  ADVENT then also maps label ids to train ids and subtracts the mean in float32, left out here
+  (so this loop is a little faster than ADVENT's); uda maps ids through one table lookup.
+- decode only, per frame: PIL (``dense.read_image``, what uda uses) against
+  ``torchvision.io.decode_image`` for images, and PIL against ``torchvision.io.decode_png``
+  (``dense.read_png_unchanged``, what uda uses) for labels; alternated file by file.
+
+All reads come from the page cache (the files were just written or read). ``--frame-scale`` shrinks
+the frames and run sizes together (tests). Progress goes to stderr, tables to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MODELS = ("deeplabv2_small", "deeplabv2_r101", "fcn8s_vgg16")
+NUM_CLASSES = 19
+# ADVENT's DeepLab-v2 recipe (methods/source_only.DEEPLAB_RECIPE): SGD, 10x lr on the head.
+LR, MOMENTUM, WEIGHT_DECAY = 2.5e-4, 0.9, 5e-4
+GTA5_FRAME, CITYSCAPES_FRAME = (1052, 1914), (1024, 2048)  # (H, W) as stored
+GTA5_RUN, CITYSCAPES_RUN = (720, 1280), (512, 1024)  # (H, W) uda's default run sizes (gta5.py, cityscapes.py)
+CITIES = ("aachen", "bochum", "bremen")
+MANIFEST = "segmentation_speed.json"
+FILES_VERSION = 1
+MIB = 2**20
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``WxH`` -> (H, W)."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT, e.g. 1280x720") from None
+    if w < 1 or h < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: width and height must be positive")
+    return h, w
+
+
+def _wh(size: tuple[int, int]) -> str:
+    return f"{size[1]}x{size[0]}"
+
+
+def _list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def machine_line(device) -> str:
+    import torch
+
+    load = "/".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        where = f"cpu ({platform.processor() or platform.machine()} {torch.backends.cpu.get_cpu_capability()})"
+    return (f"device {where}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} intra-op "
+            f"threads), load average {load} (1/5/15 min)")
+
+
+# ---- peak memory ----------------------------------------------------------------------------
+
+
+class PeakMemory:
+    """Peak memory of a stretch of work, in bytes: CUDA's allocator peak, or the CPU process's peak RSS."""
+
+    def __init__(self, device):
+        import torch
+
+        self.device, self.torch = device, torch
+        if device.type == "cuda":
+            self.method = "torch.cuda.max_memory_allocated"
+        elif self._clear_refs():
+            self.method = "peak RSS (VmHWM, reset via /proc/self/clear_refs)"
+        else:
+            self.method = "peak RSS (ru_maxrss, lifetime high-water mark: a later, smaller peak is hidden)"
+
+    @staticmethod
+    def _clear_refs() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets the peak resident set size (Linux >= 4.0)
+            return _status_kb("VmHWM") is not None
+        except OSError:
+            return False
+
+    def current(self) -> int:
+        if self.device.type == "cuda":
+            return self.torch.cuda.memory_allocated(self.device)
+        rss = _status_kb("VmRSS")
+        return rss * 1024 if rss is not None else self._maxrss()
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.reset_peak_memory_stats(self.device)
+        elif "VmHWM" in self.method:
+            self._clear_refs()
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            return self.torch.cuda.max_memory_allocated(self.device)
+        if "VmHWM" in self.method:
+            return _status_kb("VmHWM") * 1024
+        return self._maxrss()
+
+    @staticmethod
+    def _maxrss() -> int:
+        import resource
+
+        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return r if sys.platform == "darwin" else r * 1024  # bytes on macOS, KiB on Linux
+
+
+def _status_kb(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+# ---- training step --------------------------------------------------------------------------
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_train_step(name: str, device, precision: str, channels_last: bool, src_size, tgt_size, batch: int,
+                    steps: int, warmup: int, target_pass: str, seed: int = 0) -> dict:
+    """One row of the training table: median ms/step, images/s, peak memory."""
+    import torch
+
+    from uda_cli.engine.runtime import autocast_for, configure_backends
+    from uda_cli.methods.source_only import segmentation_loss
+    from uda_cli.models.registry import build_model
+
+    torch.manual_seed(seed)
+    configure_backends(device, precision)
+    autocast = autocast_for(device, precision)
+    mem = PeakMemory(device)
+    row = {"model": name, "precision": precision, "channels_last": channels_last, "source": _wh(src_size),
+           "target": _wh(tgt_size) if target_pass != "none" else "–", "batch": batch, "steps": steps,
+           "memory_method": mem.method}
+    model = opt = x_s = y_s = x_t = None
+    try:
+        model = build_model(name, num_classes=NUM_CLASSES, pretrained="none").to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        model.train()
+        row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+        opt = torch.optim.SGD(model.param_groups(LR), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+        x_s = torch.rand(batch, 3, *src_size, device=device) * 2 - 1
+        y_s = torch.randint(0, NUM_CLASSES, (batch, *src_size), device=device)
+        y_s[torch.rand(batch, *src_size, device=device) < 0.1] = 255  # some ignored pixels, as real labels have
+        x_t = torch.rand(batch, 3, *tgt_size, device=device) * 2 - 1
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with autocast():
+                loss = segmentation_loss(model(x_s), y_s)
+            with torch.autocast(device.type, enabled=False):
+                loss.backward()
+            if target_pass == "forward":
+                with autocast():
+                    out = model(x_t)
+                del out
+            elif target_pass == "entropy":
+                with autocast():
+                    p = torch.softmax(model(x_t).float(), dim=1)
+                    ent = -(p * torch.log(p.clamp_min(1e-30))).sum(1).mean()
+                with torch.autocast(device.type, enabled=False):
+                    (1e-3 * ent).backward()
+            opt.step()
+
+        gc.collect()
+        _sync(device)
+        before = mem.current()
+        mem.reset()
+        for _ in range(warmup):
+            step()
+        times = []
+        for _ in range(steps):
+            _sync(device)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        peak = mem.peak()
+        med = statistics.median(times)
+        row.update(ms=1e3 * med, ms_min=1e3 * min(times), ms_max=1e3 * max(times),
+                   img_s=(batch * (1 if target_pass == "none" else 2)) / med,
+                   peak_mib=peak / MIB, step_mib=(peak - before) / MIB)
+    except torch.OutOfMemoryError as e:
+        row["error"] = "out of memory: " + str(e).splitlines()[0][:80]
+    finally:
+        del model, opt, x_s, y_s, x_t
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def fmt_train(rows: list[dict], device_line: str, target_pass: str, warmup: int) -> str:
+    methods = sorted({r["memory_method"] for r in rows})
+    tgt = {"forward": "source forward+backward, target forward", "entropy":
+           "source forward+backward, target forward+entropy backward", "none": "source forward+backward only"}[target_pass]
+    lines = [f"Training step ({tgt}; SGD on param_groups; pretrained=none, 19 classes). {device_line}.",
+             f"ms/step: median (min-max) of the timed steps after {warmup} warm-up steps; img/s counts source + "
+             f"target images; peak memory: {'; '.join(methods)}; step MiB = peak minus before the first step.", "",
+             "| model | params M | precision | layout | source | target | batch | steps | ms/step | img/s | "
+             "peak MiB | step MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        head = (f"| {r['model']} | {r.get('params_m', float('nan')):.2f} | {r['precision']} | "
+                f"{'channels_last' if r['channels_last'] else 'NCHW'} | {r['source']} | {r['target']} | {r['batch']} | "
+                f"{r['steps']} |")
+        if "error" in r:
+            lines.append(f"{head} {r['error']} | – | – | – |")
+        else:
+            lines.append(f"{head} {r['ms']:.1f} ({r['ms_min']:.1f}-{r['ms_max']:.1f}) | {r['img_s']:.2f} | "
+                         f"{r['peak_mib']:.0f} | {r['step_mib']:.0f} |")
+    return "\n".join(lines)
+
+
+# ---- synthetic files ------------------------------------------------------------------------
+
+
+def photo_like(rng, h: int, w: int):
+    """A uint8 [h, w, 3] frame: a smooth colour field, a finer one, a gradient and noise (sigma 4):
+    ~3.5 MB as a PNG at 1914x1052, like a game or street frame rather than flat colour or white noise."""
+    import numpy as np
+    from PIL import Image
+
+    def field(gh, gw, resample):
+        small = rng.integers(0, 256, (max(gh, 1), max(gw, 1), 3), dtype=np.uint8)
+        return np.asarray(Image.fromarray(small).resize((w, h), resample), np.float32)
+
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = (0.6 * field(6, 10, Image.BICUBIC) + 0.25 * field(h // 16, w // 16, Image.BILINEAR)
+           + (xx / w * 60 + yy / h * 40)[..., None] + rng.normal(0, 4, (h, w, 3)).astype(np.float32))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def label_ids(rng, h: int, w: int):
+    """A uint8 [h, w] map of Cityscapes label ids (0-33) in blocks of ~32 pixels."""
+    import numpy as np
+    from PIL import Image
+
+    small = rng.integers(0, 34, (max(h // 32, 1), max(w // 32, 1)), dtype=np.uint8)
+    return np.asarray(Image.fromarray(small).resize((w, h), Image.NEAREST))
+
+
+def _scaled(size: tuple[int, int], scale: float) -> tuple[int, int]:
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+def write_files(root: Path, n: int, scale: float, seed: int = 0) -> dict:
+    """``n`` GTA5 and ``n`` Cityscapes (train) pairs under ``root``, unless its manifest says they are there."""
+    from PIL import Image
+    import numpy as np
+
+    want = {"version": FILES_VERSION, "files": n, "frame_scale": scale, "seed": seed}
+    manifest = root / MANIFEST
+    try:
+        if json.loads(manifest.read_text()) == want:
+            return want
+    except (OSError, ValueError):
+        pass
+    from uda_cli.data.labels import CITYSCAPES_PALETTE
+
+    palette = [c for rgb in CITYSCAPES_PALETTE for c in rgb]  # any palette will do: readers use the indices
+    rng = np.random.default_rng(seed)
+    gta = root / "gta5"
+    (gta / "images").mkdir(parents=True, exist_ok=True)
+    (gta / "labels").mkdir(parents=True, exist_ok=True)
+    gh, gw = _scaled(GTA5_FRAME, scale)
+    ch, cw = _scaled(CITYSCAPES_FRAME, scale)
+    t0 = time.perf_counter()
+    for i in range(1, n + 1):
+        Image.fromarray(photo_like(rng, gh, gw)).save(gta / "images" / f"{i:05d}.png")
+        lab = Image.frombytes("P", (gw, gh), label_ids(rng, gh, gw).tobytes())  # indices as they are
+        lab.putpalette(palette + [0] * (768 - len(palette)))
+        lab.save(gta / "labels" / f"{i:05d}.png")
+        city = CITIES[i % len(CITIES)]
+        stem = f"{city}_{i:06d}_000019"
+        img_dir = root / "cityscapes" / "leftImg8bit" / "train" / city
+        lab_dir = root / "cityscapes" / "gtFine" / "train" / city
+        img_dir.mkdir(parents=True, exist_ok=True)
+        lab_dir.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(photo_like(rng, ch, cw)).save(img_dir / f"{stem}_leftImg8bit.png")
+        Image.fromarray(label_ids(rng, ch, cw)).save(lab_dir / f"{stem}_gtFine_labelIds.png")
+        print(f"  wrote pair {i}/{n} of each dataset ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    manifest.write_text(json.dumps(want) + "\n")
+    return want
+
+
+# ---- loader -----------------------------------------------------------------------------------
+
+
+def pil_sample(image_path, label_path, size: tuple[int, int]):
+    """ADVENT's loading of one sample (base_dataset._load_img), without its id mapping and mean."""
+    import numpy as np
+    from PIL import Image
+
+    img = Image.open(image_path).convert("RGB").resize((size[1], size[0]), Image.BICUBIC)
+    x = np.asarray(img)
+    lab = Image.open(label_path).resize((size[1], size[0]), Image.NEAREST)
+    return x, np.asarray(lab)
+
+
+def time_pil(source, size) -> float:
+    """images/s of the serial PIL loop over every sample of ``source`` (after one untimed sample)."""
+    pil_sample(source.images[0], source.labels[0], size)
+    t0 = time.perf_counter()
+    for i in range(len(source)):
+        pil_sample(source.images[i], source.labels[i], size)
+    return len(source) / (time.perf_counter() - t0)
+
+
+def time_uda(source, size, workers: int, device) -> tuple[float, float]:
+    """(images/s over ``len(source)`` batches after the first, seconds to the first batch) of uda's stream."""
+    from uda_cli.data.streaming import Augment, DenseDataset, DenseStream
+
+    stream = DenseStream(DenseDataset(source, size, Augment(), seed=0, stream="src"), batch_size=1, seed=1,
+                         device=device, num_workers=workers)
+    try:
+        t0 = time.perf_counter()
+        stream.next()
+        _sync(device)
+        t1 = time.perf_counter()
+        n = len(source)
+        for _ in range(n):
+            stream.next()
+        _sync(device)
+        return n / (time.perf_counter() - t1), t1 - t0
+    finally:
+        stream.close()
+
+
+def time_decoders(source) -> dict[str, float]:
+    """Median ms per file: images by PIL (uda's read_image) and torchvision.io.decode_image, labels by
+    PIL and torchvision.io.decode_png (uda's read_png_unchanged); the two alternate file by file."""
+    import numpy as np
+    from PIL import Image
+
+    from uda_cli.data.dense import read_image, read_png_unchanged
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 deprecates its decoders
+        from torchvision.io import decode_image, read_file
+
+        def tv_image(p):
+            return decode_image(read_file(str(p)))
+
+        def pil_label(p):
+            with Image.open(p) as im:
+                return np.array(im)
+
+        pairs = {"image_pil": (read_image, "images"), "image_tv": (tv_image, "images"),
+                 "label_pil": (pil_label, "labels"), "label_tv": (read_png_unchanged, "labels")}
+        times: dict[str, list[float]] = {k: [] for k in pairs}
+        for i in range(len(source)):
+            order = list(pairs) if i % 2 == 0 else list(reversed(pairs))
+            for k in order:
+                fn, attr = pairs[k]
+                p = getattr(source, attr)[i]
+                t0 = time.perf_counter()
+                fn(p)
+                times[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+def run_loader(root: Path, files: int, workers: list[int], scale: float, device, seed: int = 0):
+    from uda_cli.data.registry import load_dense
+
+    t0 = time.perf_counter()
+    write_files(root, files, scale, seed)
+    print(f"files ready in {root} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    rows, decode = [], []
+    for domain, split, run in (("gta5", "all", GTA5_RUN), ("cityscapes", "train", CITYSCAPES_RUN)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            source = load_dense(domain, split, data_root=root)
+        size = _scaled(run, scale)
+        mb = statistics.mean(Path(p).stat().st_size for p in source.images) / 1e6
+        native = tuple(source.native_size(0))
+        # Decoders first: this also reads every file once, so all that follows finds them in the page cache.
+        dec = time_decoders(source)
+        decode.append({"dataset": domain, "frame": _wh(native), "mb": mb, **dec})
+        print(f"{domain}: decoders {dec}", file=sys.stderr, flush=True)
+        pil = time_pil(source, size)
+        print(f"{domain}: PIL loop {pil:.2f} img/s", file=sys.stderr, flush=True)
+        for w in workers:
+            uda, first = time_uda(source, size, w, device)
+            print(f"{domain}: uda stream, {w} workers: {uda:.2f} img/s (first batch {first:.2f} s)",
+                  file=sys.stderr, flush=True)
+            rows.append({"dataset": domain, "frame": _wh(native), "mb": mb, "run": _wh(size), "files": len(source),
+                         "workers": w, "uda_img_s": uda, "first_s": first, "pil_img_s": pil})
+    return rows, decode
+
+
+def fmt_loader(rows: list[dict], decode: list[dict], device_line: str) -> str:
+    lines = [f"Loader: uda's DenseDataset + DenseStream (batch 1, resize only) against the papers' serial PIL loop "
+             f"(open, RGB, bicubic resize, np.asarray; label nearest), same files, page cache warm. {device_line}.", "",
+             "| dataset | frame | MB/frame | run size | files | workers | uda img/s | first batch s | PIL img/s | "
+             "uda/PIL |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['dataset']} | {r['frame']} | {r['mb']:.2f} | {r['run']} | {r['files']} | {r['workers']} | "
+                     f"{r['uda_img_s']:.2f} | {r['first_s']:.2f} | {r['pil_img_s']:.2f} | "
+                     f"{r['uda_img_s'] / r['pil_img_s']:.2f} |")
+    lines += ["", "Decode only, median ms per file (the two decoders alternate file by file):", "",
+              "| dataset | frame | MB/frame | image PIL | image torchvision decode_image | tv/PIL | label PIL | "
+              "label torchvision decode_png | tv/PIL |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for d in decode:
+        lines.append(f"| {d['dataset']} | {d['frame']} | {d['mb']:.2f} | {d['image_pil']:.1f} | {d['image_tv']:.1f} | "
+                     f"{d['image_tv'] / d['image_pil']:.2f} | {d['label_pil']:.2f} | {d['label_tv']:.2f} | "
+                     f"{d['label_tv'] / d['label_pil']:.2f} |")
+    return "\n".join(lines)
+
+
+# ---- main -------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default="train,loader", help="train, loader or both (default: both)")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
+    ap.add_argument("--size", type=parse_size, default=(720, 1280), metavar="WxH", help="source size (1280x720)")
+    ap.add_argument("--tgt-size", type=parse_size, default=(512, 1024), metavar="WxH", help="target size (1024x512)")
+    ap.add_argument("--batch", type=int, default=1, help="images per domain per step (1: 1 source + 1 target)")
+    ap.add_argument("--precision", default="fp32", help="comma list of fp32, bf16 (bf16: autocast)")
+    ap.add_argument("--channels-last", action="store_true", help="also measure each network in channels_last")
+    ap.add_argument("--target-pass", choices=("forward", "entropy", "none"), default="forward")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per row")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
+    ap.add_argument("--files", type=int, default=24, help="synthetic frames per dataset for the loader")
+    ap.add_argument("--workers", default="0,1,2,4", help="comma list of DataLoader worker counts")
+    ap.add_argument("--keep", type=Path, help="write (or reuse) the loader's files here, not in a temporary folder")
+    ap.add_argument("--frame-scale", type=float, default=1.0, help="shrink frames and run sizes (tests)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    parts = _list(args.parts)
+    if not parts or set(parts) - {"train", "loader"}:
+        ap.error(f"--parts takes train and/or loader, not {args.parts!r}")
+    models = _list(args.models)
+    if set(models) - set(MODELS):
+        ap.error(f"unknown model {sorted(set(models) - set(MODELS))[0]!r}; models: {', '.join(MODELS)}")
+    precisions = _list(args.precision)
+    if not precisions or set(precisions) - {"fp32", "bf16"}:
+        ap.error(f"--precision takes fp32 and/or bf16, not {args.precision!r}")
+    try:
+        workers = [int(w) for w in _list(args.workers)]
+    except ValueError:
+        ap.error(f"--workers takes a comma list of integers, not {args.workers!r}")
+    if args.batch < 1 or args.steps < 1 or args.warmup < 0 or args.files < 1 or any(w < 0 for w in workers):
+        ap.error("--batch, --steps and --files must be positive; --warmup and --workers at least 0")
+    if not 0 < args.frame_scale <= 1:
+        ap.error("--frame-scale must be in (0, 1]")
+
+    from uda_cli.engine.runtime import resolve_device
+
+    device = resolve_device(args.device)
+    out = []
+    if "train" in parts:
+        rows = []
+        for name in models:
+            for precision in precisions:
+                for cl in (False, True) if args.channels_last else (False,):
+                    print(f"{name} {precision}{' channels_last' if cl else ''} ...", file=sys.stderr, flush=True)
+                    row = time_train_step(name, device, precision, cl, args.size, args.tgt_size, args.batch,
+                                          args.steps, args.warmup, args.target_pass, args.seed)
+                    print(f"  {row.get('ms', float('nan')):.1f} ms/step {row.get('error', '')}", file=sys.stderr,
+                          flush=True)
+                    rows.append(row)
+        out.append(fmt_train(rows, machine_line(device), args.target_pass, args.warmup))
+        print(out[-1] + "\n", flush=True)
+    if "loader" in parts:
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            rows, decode = run_loader(args.keep, args.files, workers, args.frame_scale, device, args.seed)
+        else:
+            with tempfile.TemporaryDirectory(prefix="uda-seg-speed-") as tmp:
+                rows, decode = run_loader(Path(tmp), args.files, workers, args.frame_scale, device, args.seed)
+        out.append(fmt_loader(rows, decode, machine_line(device)))
+        print(out[-1] + "\n", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

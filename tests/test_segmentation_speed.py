@@ -1,0 +1,56 @@
+"""benchmarks/segmentation_speed.py on tiny settings: both tables print, with a row per setting."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "segmentation_speed.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("_bench_segmentation_speed", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _rows(text: str, first_cell: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith(f"| {first_cell} |")]
+
+
+def test_tiny_run_prints_both_tables(tmp_path, capsys):
+    mod = _script()
+    keep = tmp_path / "files"
+    assert mod.main(["--device", "cpu", "--models", "deeplabv2_small", "--size", "64x32", "--tgt-size", "48x24",
+                     "--steps", "2", "--warmup", "1", "--files", "2", "--workers", "0", "--frame-scale", "0.05",
+                     "--keep", str(keep)]) == 0
+    out = capsys.readouterr().out
+
+    assert "| model | params M | precision |" in out
+    (row,) = _rows(out, "deeplabv2_small")
+    assert row[2:8] == ["fp32", "NCHW", "64x32", "48x24", "1", "2"]
+    assert float(row[8].split()[0]) > 0 and float(row[9]) > 0  # ms/step, img/s
+    assert float(row[10]) > 0  # peak MiB
+
+    loader = _rows(out, "gta5") + _rows(out, "cityscapes")
+    assert len(loader) == 4  # one stream row and one decode row per dataset
+    streams = [r for r in loader if len(r) == 10]
+    assert [(r[0], r[1], r[3], r[4], r[5]) for r in streams] == [("gta5", "96x53", "64x36", "2", "0"),
+                                                                 ("cityscapes", "102x51", "51x26", "2", "0")]
+    assert all(float(r[6]) > 0 and float(r[8]) > 0 for r in streams)  # uda and PIL img/s
+
+    # The files are in the layouts uda reads, with label ids; a second run reuses them.
+    assert sorted(p.name for p in (keep / "gta5" / "labels").iterdir()) == ["00001.png", "00002.png"]
+    assert len(list((keep / "cityscapes" / "gtFine" / "train").rglob("*_gtFine_labelIds.png"))) == 2
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(keep / "gta5" / "labels" / "00001.png") as im:
+        assert im.mode == "P" and np.asarray(im).max() <= 33
+    stamp = (keep / "gta5" / "images" / "00001.png").stat().st_mtime_ns
+    assert mod.write_files(keep, 2, 0.05) == {"version": 1, "files": 2, "frame_scale": 0.05, "seed": 0}
+    assert (keep / "gta5" / "images" / "00001.png").stat().st_mtime_ns == stamp
