@@ -711,7 +711,7 @@ def test_office31_reader_problems_are_one_line(tmp_path):
 def test_resnet50_without_pretrained_weights(tmp_path, monkeypatch):
     import torch
 
-    from uda_cli.models.resnet import resnet50_backbone
+    from uda_cli.models.classifiers import resnet50_backbone
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     f, c = resnet50_backbone(31, pretrained=False)
@@ -723,7 +723,7 @@ def test_resnet50_without_pretrained_weights(tmp_path, monkeypatch):
 
 
 def test_resnet50_missing_weights_is_one_line_saying_how_to_get_them(tmp_path, monkeypatch):
-    from uda_cli.models.resnet import ResNet50Encoder
+    from uda_cli.models.classifiers import ResNet50Encoder
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(UDAError) as e:
@@ -738,7 +738,7 @@ def test_resnet50_loads_cached_weights_through_torchvision(tmp_path, monkeypatch
     import torch
     from torchvision.models import resnet50
 
-    from uda_cli.models import resnet
+    from uda_cli.models import classifiers as resnet
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     path = resnet.weights_path()

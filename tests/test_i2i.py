@@ -180,7 +180,7 @@ def test_decoders_share_as_many_layers_as_asked(shared):
 
 
 def test_decoder_parts_refuse_a_layer_count_they_do_not_build():
-    from uda_cli.models.i2i_nets import DecoderHead, DecoderTrunk
+    from uda_cli.models.generators import DecoderHead, DecoderTrunk
 
     with pytest.raises(ValueError, match="shared_layers must be 1 or 2, not 3"):
         DecoderTrunk(16, shared_layers=3)

@@ -16,7 +16,7 @@ from uda_cli.engine.evaluate import evaluate_checkpoint
 from uda_cli.engine.trainer import build_optimizers, load_method, train
 from uda_cli.methods.base import RunSpec
 from uda_cli.methods.pixelda import PixelDA, foreground_mask, masked_pmse
-from uda_cli.models.pixelda_nets import GaussianNoise, PixelDADiscriminator
+from uda_cli.models.discriminators import GaussianNoise, PixelDADiscriminator
 from _checks import assert_same_weights
 
 # Small networks keep the CPU runs fast; the architecture is the same.

@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     from uda_cli.config import method_config
     from uda_cli.engine.trainer import make_optimizer
     from uda_cli.methods.base import OptimSpec
-    from uda_cli.models.digits import digit_backbone
+    from uda_cli.models.classifiers import digit_model_name
+    from uda_cli.models.registry import build_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -77,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     print("| network | params | optimizer | optimizer step ms, default / fused | whole step ms, default / fused "
           "| max weight difference |")
     print("|---|---|---|---|---|---|")
-    for kind, channels in (("lenet", 1), ("svhn", 3)):
+    for kind, channels in (("lenet", 1), ("svhn", 3)):  # the methods' backbone names
         torch.manual_seed(0)
-        f, c = digit_backbone(kind, channels, 10)
-        net = torch.nn.Sequential(f, c).to(device).train()
+        digit = build_model(digit_model_name(kind, (), channels), num_classes=10, in_channels=channels)
+        net = torch.nn.Sequential(digit.F, digit.C).to(device).train()
         n = sum(p.numel() for p in net.parameters())
         x = torch.randn(args.batch_size, channels, 32, 32, device=device)
         y = torch.randint(0, 10, (args.batch_size,), device=device)

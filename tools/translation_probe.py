@@ -3,7 +3,7 @@
     python tools/translation_probe.py RUN_OR_CHECKPOINT [...] [--oracle-steps 2000]
 
 A preview PNG (``uda adapt-images RUN --limit 16``) shows a collapsed translator to the eye;
-this puts numbers on it. An *oracle* (the house LeNet, ``digit_backbone("lenet")``) is trained
+this puts numbers on it. An *oracle* (the house LeNet, ``build_model("lenet")``) is trained
 on the labelled train split of the run's target domain, at the run's channels and size, and
 then reads the translations G(x_s) of the run's source train split (up to ``--limit`` images):
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from uda_cli.engine.adapt import check_translator
     from uda_cli.engine.trainer import load_method
     from uda_cli.errors import UDAError
-    from uda_cli.models.digits import digit_backbone
+    from uda_cli.models.registry import build_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path, help="run folders or checkpoint files of methods that translate")
@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         if path in oracles:
             return oracles[path]
         torch.manual_seed(args.seed)  # before the oracle's initialisation, which the seed must cover too
-        f, h = digit_backbone("lenet", c, num_classes)
-        net = torch.nn.Sequential(f, h)
+        lenet = build_model("lenet", num_classes=num_classes, in_channels=c)
+        net = torch.nn.Sequential(lenet.F, lenet.C)  # keys 0.*, 1.*: the cached oracles' names
         if path.exists():
             net.load_state_dict(load_file(path))
         else:

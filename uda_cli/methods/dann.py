@@ -28,7 +28,7 @@ docs/methods/dann.md):
 - Batch: the paper fills half of each 128-image batch with source and half with target;
   the engine's batch size counts images per domain, so 64.
 - Backbone: as source-only, the DANN SVHN network when SVHN is involved, else the ADDA
-  LeNet (``uda_cli/models/digits.py``; see there for the SVHN net's batch norm, which the
+  LeNet (``uda_cli/models/classifiers.py``; see there for the SVHN net's batch norm, which the
   paper lacks). The paper's MNIST network is a smaller LeNet variant (32/48 conv filters,
   100-100 fc); we use the ADDA LeNet so that the DANN and source-only rows of a table
   share one backbone.
@@ -44,7 +44,7 @@ docs/methods/dann.md):
   then spans the rest of the run. It did not help where measured (SVHN->MNIST).
 - ``f_batches`` (the paper is silent; default "auto"): F reads the source and target
   batches as one batch ("mixed"), so the batch norm of the SVHN net (ours, see
-  ``models/digits.py``) normalises them together, or as two ("separate"), each with its
+  ``models/classifiers.py``) normalises them together, or as two ("separate"), each with its
   own statistics (the running statistics used at test time follow both). "auto" is
   "separate" when F has batch norm (the SVHN net) and "mixed" when it has none (LeNet, where
   the two train alike and only the dropout draws would differ, so the LeNet rows keep
@@ -69,7 +69,9 @@ from torch import nn
 
 from uda_cli.methods.base import Method, MethodConfig, OptimSpec
 from uda_cli.methods.registry import register_method
-from uda_cli.models.digits import LeNetEncoder, digit_backbone
+from uda_cli.models.classifiers import LeNetEncoder, digit_model_name
+from uda_cli.models.discriminators import DomainClassifier
+from uda_cli.models.registry import build_model
 
 
 class _GradReverse(torch.autograd.Function):
@@ -100,20 +102,6 @@ def domain_loss(logits_s: torch.Tensor, logits_t: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits_s, zeros) + F.cross_entropy(logits_t, ones)
 
 
-class DomainClassifier(nn.Module):
-    """ReLU - fc hidden - ReLU - fc hidden - ReLU - fc 2 on the (linear) encoder features."""
-
-    def __init__(self, in_features: int, hidden: int):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.ReLU(), nn.Linear(in_features, hidden), nn.ReLU(inplace=True),
-            nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 2),
-        )
-
-    def forward(self, f):
-        return self.net(f)
-
-
 @register_method("dann")
 class DANN(Method):
     """Networks: F (feature extractor), C (label predictor), D (domain classifier)."""
@@ -139,10 +127,14 @@ class DANN(Method):
             "features", description="what D reads: the encoder's features (ADDA's split) or its conv output; see the docstring")
 
     def build(self):
-        f, c = digit_backbone(self.cfg.backbone, self.spec.channels, self.spec.num_classes, self.spec.domains)
+        c = self.spec.channels
+        net = build_model(digit_model_name(self.cfg.backbone, self.spec.domains, c),
+                          num_classes=self.spec.num_classes, in_channels=c)
+        # F and C stay two networks (their checkpoint keys are F.* and C.*), D reads between them.
+        f = net.F
         hidden = self.cfg.d_hidden or (500 if isinstance(f, LeNetEncoder) else 1024)
         d_in = f.fc.in_features if self.cfg.d_input == "conv" else f.out_features
-        return {"F": f, "C": c, "D": DomainClassifier(d_in, hidden)}
+        return {"F": f, "C": net.C, "D": DomainClassifier(d_in, hidden)}
 
     def optimizers(self):
         # One SGD over all three: the GRL makes a single backward give each its update.

@@ -3,7 +3,8 @@
 Networks (named as in the paper): f (a fixed encoder, pretrained as a source classifier
 with the head ``f_head``), g (a decoder to a 32x32 image), G = g o f, and D (a 3-way
 discriminator: class 1 "G of a source image", 2 "G of a target image", 3 "real target").
-The paper's digit networks are in ``uda_cli/models/dtn_nets.py``.
+The paper's digit networks are ``DTNEncoder`` (f, ``uda_cli/models/classifiers.py``),
+``DTNDecoder`` (g, ``generators.py``) and ``DTNDiscriminator`` (D, ``discriminators.py``).
 
 Objective, with s the source and t the target batch:
 
@@ -85,8 +86,10 @@ from uda_cli.data.augment import random_affine
 from uda_cli.errors import CheckpointError, ConfigError
 from uda_cli.methods.base import Method, MethodConfig, OptimSpec
 from uda_cli.methods.registry import register_method
-from uda_cli.models.digits import digit_backbone
-from uda_cli.models.dtn_nets import DTNDecoder, DTNDiscriminator, DTNEncoder
+from uda_cli.models.classifiers import DTNEncoder, digit_model_name
+from uda_cli.models.discriminators import DTNDiscriminator
+from uda_cli.models.generators import DTNDecoder
+from uda_cli.models.registry import build_model
 
 # D's classes (the paper's D_1, D_2, D_3).
 FAKE_S, FAKE_T, REAL_T = 0, 1, 2
@@ -176,13 +179,14 @@ class DTN(Method):
         kind = self.cfg.classifier
         if kind == "auto" and self.cfg.grey_output:
             kind = "lenet"  # G(x_s) is a grey digit (MNIST-like), whatever the source was
-        enc, head = digit_backbone(kind, c, self.spec.num_classes, self.spec.domains)
+        task = build_model(digit_model_name(kind, self.spec.domains, c), num_classes=self.spec.num_classes,
+                           in_channels=c)
         return {
             "f": f,
             "f_head": nn.Linear(f.out_features, self.spec.num_classes),
             "g": DTNDecoder(1 if self.cfg.grey_output else c, f.out_features),
             "D": DTNDiscriminator(c, 3),
-            "C": nn.Sequential(enc, head),
+            "C": nn.Sequential(task.F, task.C),  # checkpoint keys C.0.* (encoder), C.1.* (classifier)
         }
 
     def optimizers(self):

@@ -55,7 +55,7 @@ files: docs/methods/i2i.md):
   * Grey digits: ``grayscale=true`` (default) makes every run single-channel, as the paper
     does for SVHN. A colour target such as MNIST-M is then grey too (the loader uses ITU-R 601
     luma); set ``grayscale=false`` to keep colour (``backbone=auto`` then follows the house
-    rule of ``digit_backbone``: the DANN SVHN network when SVHN is involved, else LeNet).
+    rule of ``digit_model_name``: the DANN SVHN network when SVHN is involved, else LeNet).
   * On SVHN->MNIST with the 1,083-image SVHN subset at the cpu budget, these defaults end
     level with source-only (a lead inside the seeds' spread), and L_c + L_z alone
     (``examples/i2i/dann_like.toml``) ranks above them on held-out target images; the
@@ -68,7 +68,8 @@ files: docs/methods/i2i.md):
     above) and ``warmup_steps`` (default 0: the paper's objective from the first step) exist
     for that investigation; none changed the outcome on SVHN->MNIST, so the defaults stay.
   * Augmentation magnitudes (±10% shift, ±10° rotation) are ours; the paper names the kind only.
-  * Layer widths of the decoders and discriminators are ours (``uda_cli/models/i2i_nets.py``).
+  * Layer widths of the decoders and discriminators are ours (``uda_cli/models/generators.py``,
+    ``uda_cli/models/discriminators.py``).
   * A term whose weight is 0 is not computed, and a discriminator whose adversarial weight is
     0 is in no optimizer group (not trained), so Table 1's settings cost only what they use.
   * 32x32 images only so far (digits); the Office-31 / segmentation networks are not built.
@@ -87,8 +88,10 @@ from uda_cli.data.augment import random_affine
 from uda_cli.errors import ConfigError
 from uda_cli.methods.base import Method, MethodConfig, OptimSpec
 from uda_cli.methods.registry import register_method
-from uda_cli.models.digits import digit_backbone
-from uda_cli.models.i2i_nets import DecoderHead, DecoderTrunk, FeatureDiscriminator, ImageDiscriminator
+from uda_cli.models.classifiers import digit_model_name
+from uda_cli.models.discriminators import FeatureDiscriminator, ImageDiscriminator
+from uda_cli.models.generators import DecoderHead, DecoderTrunk
+from uda_cli.models.registry import build_model
 
 
 class I2IForward:
@@ -159,7 +162,7 @@ class I2I(Method):
         grayscale: bool = Field(True, description="run in grey even when a domain is colour (the paper's SVHN)")
         backbone: Literal["auto", "lenet", "svhn"] = Field(
             "auto", description="encoder f and classifier h: auto is the paper's LeNet for grey runs and "
-            "uda_cli.models.digits.digit_backbone's auto rule for colour ones"
+            "uda_cli.models.classifiers.digit_model_name's auto rule for colour ones"
         )
         tr_form: Literal["non_saturating", "minimax"] = Field(
             "non_saturating", description="the decoders' side of L_tr: -log Q(fake) (non_saturating) or the "
@@ -195,13 +198,14 @@ class I2I(Method):
         if kind == "auto" and c == 1:
             kind = "lenet"  # the paper's modified LeNet for every digit pair, SVHN -> MNIST included
         # Colour runs leave "auto" to the house rule, which looks at the domain names.
-        backbone = lambda: digit_backbone(kind, c, k, self.spec.domains)  # noqa: E731
+        name = digit_model_name(kind, self.spec.domains, c)
+        # f and h are separate networks (checkpoint keys f.*, h.*): the encoder of a registry
+        # digit net and its classifier.
         nets = {}
-        if self.cfg.share_encoder:
-            nets["f"], nets["h"] = backbone()
-        else:
-            nets["f_x"], nets["h"] = backbone()
-            nets["f_y"], _ = backbone()
+        net = build_model(name, num_classes=k, in_channels=c)
+        nets["f" if self.cfg.share_encoder else "f_x"], nets["h"] = net.F, net.C
+        if not self.cfg.share_encoder:
+            nets["f_y"] = build_model(name, num_classes=k, in_channels=c).F
         z_dim = (nets.get("f") or nets["f_x"]).out_features
         nets["g"], nets["g_x"], nets["g_y"] = self.new_decoders(z_dim)
         nets["Q_z"] = FeatureDiscriminator(z_dim)

@@ -19,13 +19,13 @@ the authors' code does, instead of minimising log(1 - D(G))), plus ``g_task_weig
 CE(T(G(x_s, z)), y_s) and gamma L_c. One D step per G step. The same z and G(x_s, z) serve both steps of a training
 step; D and T are re-run in step (2) so G plays against the freshly updated D and T.
 
-Networks (``uda_cli/models/pixelda_nets.py``): G is the ResNet generator (noise -> fully
-connected layer -> one image-sized plane concatenated with x_s; 6 residual blocks of 64
-filters; tanh output with the run's channels); D is the conv discriminator with leaky ReLU
-0.2, batch norm, and in training mode Gaussian noise (std 0.2) on the input of every layer
-and dropout (keep 0.9) after every conv block; T is a digit classifier from
-``uda_cli/models/digits.py`` (``task_net`` auto: the DANN SVHN network when SVHN is involved,
-else LeNet with the run's channels, as for source-only).
+Networks (``uda_cli/models/``: generators.py, discriminators.py, classifiers.py): G is the
+ResNet generator (noise -> fully connected layer -> one image-sized plane concatenated with
+x_s; 6 residual blocks of 64 filters; tanh output with the run's channels); D is the conv
+discriminator with leaky ReLU 0.2, batch norm, and in training mode Gaussian noise (std 0.2)
+on the input of every layer and dropout (keep 0.9) after every conv block; T is a registered
+digit classifier (``build_model``; ``task_net`` auto: the DANN SVHN network when SVHN is
+involved, else LeNet with the run's channels, as for source-only).
 
 Defaults, from the paper's MNIST -> MNIST-M setting: Adam lr 1e-3, beta1 0.5, the lr
 multiplied by 0.95 every 20,000 steps, batch 32 per domain, weight decay 1e-5, gradients
@@ -82,8 +82,10 @@ from pydantic import Field
 
 from uda_cli.methods.base import Method, MethodConfig, OptimSpec
 from uda_cli.methods.registry import register_method
-from uda_cli.models.digits import digit_backbone
-from uda_cli.models.pixelda_nets import PixelDADiscriminator, PixelDAGenerator, TaskNet
+from uda_cli.models.classifiers import digit_model_name
+from uda_cli.models.discriminators import PixelDADiscriminator
+from uda_cli.models.generators import PixelDAGenerator
+from uda_cli.models.registry import build_model
 
 
 def foreground_mask(x: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
@@ -150,12 +152,15 @@ class PixelDA(Method):
 
     def build(self):
         c, size = self.spec.channels, self.spec.image_size
-        f, cls = digit_backbone(self.cfg.task_net, c, self.spec.num_classes, self.spec.domains)
+        # T is the registry's digit net itself (checkpoint keys T.F.*, T.C.*), built before G and
+        # D as it always was, so a seed gives the same initial weights.
+        task = build_model(digit_model_name(self.cfg.task_net, self.spec.domains, c),
+                           num_classes=self.spec.num_classes, in_channels=c)
         return {
             "G": PixelDAGenerator(c, size, self.cfg.noise_dim, self.cfg.g_filters, self.cfg.g_blocks),
             "D": PixelDADiscriminator(c, size, self.cfg.d_filters, self.cfg.d_noise_std, self.cfg.d_image_noise,
                                       self.cfg.d_dropout),
-            "T": TaskNet(f, cls),
+            "T": task,
         }
 
     def optimizers(self):

@@ -35,7 +35,8 @@ from pydantic import Field, field_validator
 from uda_cli.errors import ConfigError, did_you_mean
 from uda_cli.methods.base import Method, MethodConfig
 from uda_cli.methods.registry import register_method
-from uda_cli.models.digits import digit_backbone
+from uda_cli.models.classifiers import digit_model_name
+from uda_cli.models.registry import build_model
 
 
 @register_method("source-only")
@@ -78,8 +79,10 @@ class SourceOnly(Method):
         if self.cfg.model != "auto":
             raise ConfigError("--set model applies to segmentation runs; a digit run picks its network with "
                               "--set backbone=lenet|svhn")
-        f, c = digit_backbone(self.cfg.backbone, self.spec.channels, self.spec.num_classes, self.spec.domains)
-        return {"F": f, "C": c}
+        ch = self.spec.channels
+        net = build_model(digit_model_name(self.cfg.backbone, self.spec.domains, ch),
+                          num_classes=self.spec.num_classes, in_channels=ch)
+        return {"F": net.F, "C": net.C}  # two networks, as checkpoints store them (F.*, C.*)
 
     def train_step(self, batch, step):
         if self.spec.task == "segmentation":

@@ -8,9 +8,10 @@ asking for a model never depends on what happened to be imported before.
 ``build_model(name, **options)`` checks the options against the builder's signature, so an
 option the network does not take is one line naming the ones it does.
 
-The digit classifiers (``lenet``, ``svhn_dann``) are registered here, over
-``uda_cli.models.digits``, as one network each (encoder ``F`` then classifier ``C``); the
-methods still build them through ``digit_backbone`` until they switch to this registry.
+Entries live beside their networks: the digit classifiers (``lenet``, ``svhn_dann``) in
+``uda_cli.models.classifiers``, the segmentation networks in ``uda_cli.models.segmentation``.
+Generators and discriminators (``generators.py``, ``discriminators.py``) are plain classes
+that their methods build: no method lets a user swap them by name.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def register_model(name: str, *, task: str):
 
 def _ensure_builtin() -> None:
     # Importing a module runs its @register_model decorators; add a line per new module.
+    import uda_cli.models.classifiers  # noqa: F401
     import uda_cli.models.segmentation  # noqa: F401
 
 
@@ -97,40 +99,3 @@ def build_model(name: str, **options) -> nn.Module:
         raise ConfigError(f"model {name!r} has no option {unknown[0]!r}{hint}; its options: {', '.join(params)}")
     return entry.builder(**options)
 
-
-# ---- the digit classifiers ---------------------------------------------------------------
-
-
-class DigitNet(nn.Module):
-    """A digit encoder ``F`` and classifier ``C`` (``uda_cli.models.digits``) as one network:
-    ``forward(x)`` gives class logits ``[B, K]``, ``features(x)`` the encoder's embedding."""
-
-    task = "classification"
-
-    def __init__(self, kind: str, num_classes: int, in_channels: int):
-        super().__init__()
-        from uda_cli.models.digits import digit_backbone
-
-        if not isinstance(num_classes, int) or num_classes < 2:
-            raise ConfigError(f"num_classes must be an integer >= 2, not {num_classes!r}")
-        if in_channels not in (1, 3):
-            raise ConfigError(f"in_channels must be 1 or 3, not {in_channels!r}")
-        self.F, self.C = digit_backbone(kind, in_channels, num_classes)
-
-    def forward(self, x):
-        return self.C(self.F(x))
-
-    def features(self, x):
-        return self.F(x)
-
-
-@register_model("lenet", task="classification")
-def lenet(num_classes: int = 10, in_channels: int = 1) -> DigitNet:
-    """LeNet as ADDA uses it (Tzeng et al. 2017), for 32x32 digits."""
-    return DigitNet("lenet", num_classes, in_channels)
-
-
-@register_model("svhn_dann", task="classification")
-def svhn_dann(num_classes: int = 10, in_channels: int = 3) -> DigitNet:
-    """DANN's SVHN network (Ganin & Lempitsky 2015) with batch norm, for 32x32 digits."""
-    return DigitNet("svhn", num_classes, in_channels)

@@ -15,10 +15,10 @@ Each network maps [-1, 1] to what its weights expect inside ``forward`` (ImageNe
 for torchvision weights, the Caffe BGR mean for Caffe-converted ones), so callers never care.
 
 Initialisation (``pretrained``): ``"imagenet"`` (torchvision's weight API; the file must be in
-torchvision's cache, as in ``uda_cli.models.resnet``: we never download it), ``"none"``, or a
-``.safetensors`` file holding the backbone (torchvision names) or the whole model (our names,
-e.g. from :func:`save_model` or ``python -m uda_cli.models.convert``). Pickled files are never
-loaded here; the converter is the one place that reads them.
+torchvision's cache, as for ``uda_cli.models.classifiers.ResNet50Encoder``: we never download
+it), ``"none"``, or a ``.safetensors`` file holding the backbone (torchvision names) or the
+whole model (our names, e.g. from :func:`save_model` or ``python -m uda_cli.models.convert``).
+Pickled files are never loaded here; the converter is the one place that reads them.
 
 Networks (``build_model`` names):
 
@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from uda_cli.errors import CheckpointError, ConfigError
+from uda_cli.models.classifiers import ImageNetInput
 from uda_cli.models.registry import register_model
-from uda_cli.models.resnet import ImageNetInput
 
 # The mean the Caffe ImageNet models subtract, BGR on 0-255 (ADVENT's IMG_MEAN).
 CAFFE_BGR_MEAN = (104.00698793, 116.66876762, 122.67891434)

@@ -1,0 +1,169 @@
+"""Generators and decoders: networks whose output is an image.
+
+- ``PixelDAGenerator``: PixelDA's G(x, z) (Bousmalis et al. CVPR 2017, Figure 2).
+- ``DTNDecoder``: DTN's g (Taigman, Polyak & Wolf, ICLR 2017, section 5.1), 128-d -> 32x32.
+- ``DecoderTrunk`` + ``DecoderHead``: I2I's decoders (Murez et al. CVPR 2018) for 32x32
+  digits, the trunk shared by g_x and g_y.
+
+Also the weight initialisations of the GAN papers (``dcgan_init``, ``init_normal``), which the
+discriminators use too. None of these is in the model registry: no method lets a user swap
+them with ``--set model=``, and they are not classifiers.
+
+Module attribute names (``net``, ``noise_fc``, ``fc``...) are the keys of saved checkpoints:
+renaming one breaks every run saved before.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# ---- initialisation ---------------------------------------------------------------------------
+
+
+def dcgan_init(module: nn.Module) -> None:
+    """DCGAN's initialisation: conv weights ~ N(0, 0.02), batch-norm scales ~ N(1, 0.02), biases 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
+def init_normal(module: nn.Module, std: float = 0.02) -> None:
+    """Conv and linear weights ~ N(0, std), biases 0 (PixelDA's authors' code, after DCGAN)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+# ---- PixelDA ----------------------------------------------------------------------------------
+
+
+class ResidualBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN with an identity skip (3x3 convs, size kept)."""
+
+    def __init__(self, filters: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(filters, filters, 3, padding=1), nn.BatchNorm2d(filters), nn.ReLU(inplace=True),
+            nn.Conv2d(filters, filters, 3, padding=1), nn.BatchNorm2d(filters),
+        )
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class PixelDAGenerator(nn.Module):
+    """PixelDA's G(x, z): the 10-d noise z goes through a fully connected layer (batch norm,
+    ReLU) to one image-sized plane that is concatenated with x as an extra input channel; then
+    conv n64s1 + ReLU, ``blocks`` residual blocks and a 1x1 conv to the output channels with
+    tanh. All convs are 3x3, stride 1, so G keeps the image size.
+
+    Details not drawn in the paper's figure (batch norm on the noise projection, the 1x1 output
+    conv, N(0, 0.02) initialisation) follow the authors' released TensorFlow code
+    (tensorflow/models, research/domain_adaptation/pixel_domain_adaptation/pixelda_model.py).
+    """
+
+    def __init__(self, channels: int, image_size: tuple[int, int], noise_dim: int = 10, filters: int = 64,
+                 blocks: int = 6):
+        super().__init__()
+        self.noise_dim = noise_dim
+        self.image_size = tuple(image_size)
+        h, w = self.image_size
+        self.noise_fc = nn.Sequential(nn.Linear(noise_dim, h * w), nn.BatchNorm1d(h * w), nn.ReLU(inplace=True))
+        self.net = nn.Sequential(
+            nn.Conv2d(channels + 1, filters, 3, padding=1), nn.ReLU(inplace=True),
+            *[ResidualBlock(filters) for _ in range(blocks)],
+            nn.Conv2d(filters, channels, 1), nn.Tanh(),
+        )
+        init_normal(self)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        plane = self.noise_fc(z).view(x.shape[0], 1, *self.image_size).to(x.dtype)
+        return self.net(torch.cat([x, plane], 1))
+
+
+# ---- DTN --------------------------------------------------------------------------------------
+
+
+class DTNDecoder(nn.Module):
+    """DTN's g: "four blocks of deconvolution, batch-normalization, and ReLU, with a hyperbolic
+    tangent terminal", 128-d -> 32x32: 4x4 transposed convolutions with 512, 256, 128 filters,
+    then the image (no batch norm on the output block, as DCGAN). DCGAN initialisation (the
+    paper is silent)."""
+
+    def __init__(self, out_channels: int = 1, in_features: int = 128):
+        super().__init__()
+
+        def block(cin, cout, stride, pad):
+            return [nn.ConvTranspose2d(cin, cout, 4, stride, pad, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True)]
+
+        self.net = nn.Sequential(
+            *block(in_features, 512, 1, 0),  # 1 -> 4
+            *block(512, 256, 2, 1),  # 8
+            *block(256, 128, 2, 1),  # 16
+            nn.ConvTranspose2d(128, out_channels, 4, 2, 1), nn.Tanh(),  # 32
+        )
+        dcgan_init(self)
+
+    def forward(self, z):
+        return self.net(z[:, :, None, None])
+
+
+# ---- I2I --------------------------------------------------------------------------------------
+# The paper gives only the layer counts for digits: decoders of 3 transposed convolutions whose
+# first layers the two domains share. Widths, kernels, normalisation and activations are ours
+# (DCGAN-style). A trunk and a head make one decoder of three transposed convs (1x1 -> 8x8 ->
+# 16x16 -> 32x32, the first written as a Linear) and a tanh, so outputs lie in [-1, 1] like the
+# images. The trunk is shared by g_x and g_y: the first two layers by default, or the first one
+# only (``shared_layers=1``), each domain then having its own last two.
+
+
+class DecoderTrunk(nn.Module):
+    """Latent vector [B, z_dim] -> feature map (the decoders' shared layers).
+
+    ``shared_layers=2`` (default): [B, 64, 16, 16], the first two of the three transposed
+    convolutions; ``shared_layers=1``: [B, width, 8, 8], the first one only, so each domain
+    keeps two layers of its own. The first layer is a transposed convolution with an 8x8
+    kernel over a 1x1 map, written as the ``Linear`` it equals (z_dim -> width*8*8): the same
+    function and parameter count, but CPU convolution kernels are ~4x slower on that shape.
+    """
+
+    def __init__(self, z_dim: int, width: int = 128, shared_layers: int = 2):
+        super().__init__()
+        if shared_layers not in (1, 2):
+            raise ValueError(f"shared_layers must be 1 or 2, not {shared_layers}")
+        self.width = width
+        self.out_channels = 64 if shared_layers == 2 else width
+        self.fc = nn.Linear(z_dim, width * 8 * 8)  # = ConvTranspose2d(z_dim, width, 8) on 1x1: 1 -> 8
+        layers = [nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        if shared_layers == 2:
+            layers += [nn.ConvTranspose2d(width, 64, 4, 2, 1), nn.BatchNorm2d(64), nn.ReLU(inplace=True)]  # 8 -> 16
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z):
+        return self.net(self.fc(z.flatten(1)).view(z.shape[0], self.width, 8, 8))
+
+
+class DecoderHead(nn.Module):
+    """A domain's own layers: the trunk's map -> image [B, C, 32, 32] in [-1, 1]. After a
+    two-layer trunk (16x16 in) one transposed conv; after a one-layer trunk (8x8 in) two."""
+
+    def __init__(self, channels: int, in_channels: int = 64, own_layers: int = 1):
+        super().__init__()
+        if own_layers not in (1, 2):
+            raise ValueError(f"own_layers must be 1 or 2, not {own_layers}")
+        layers = []
+        if own_layers == 2:
+            layers += [nn.ConvTranspose2d(in_channels, 64, 4, 2, 1), nn.BatchNorm2d(64), nn.ReLU(inplace=True)]  # 8 -> 16
+            in_channels = 64
+        self.net = nn.Sequential(*layers, nn.ConvTranspose2d(in_channels, channels, 4, 2, 1), nn.Tanh())  # 16 -> 32
+
+    def forward(self, h):
+        return self.net(h)
