@@ -372,7 +372,7 @@ def test_optim_step_prints_both_networks_and_the_fused_kernels_take_the_same_ste
 
 
 def test_a_row_says_which_optimizer_kernels_its_run_used(tmp_path, monkeypatch):
-    import uda_cli.engine.trainer as trainer
+    import uda_cli.engine.setup as trainer  # where make_optimizer asks fused_ok
 
     bench = load_bench()
     args = dict(method="source-only", pair=bench.PAIRS["mnist-usps"], steps=2, seed=0, device="cpu",
