@@ -170,7 +170,8 @@ class EvaluateOptions(Options):
     data_root: Path | None = None
     device: str = "auto"
     precision: Precision | None = Field(default=None, description="default: the precision the run trained in")
-    batch_size: int = Field(default=512, gt=0)
+    batch_size: int | None = Field(default=None, gt=0, description="images per batch (default: 512 for classification; "
+                                                                     "segmentation: about a megapixel a batch)")
     # Segmentation only.
     size: str | None = Field(default=None, description="WxH images are resized to before the network (default: "
                                                        "the run's target size)")

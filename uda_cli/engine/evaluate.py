@@ -57,7 +57,7 @@ def evaluate_checkpoint(opts: EvaluateOptions, loaded: dict | None = None) -> tu
     # As the run trained unless told otherwise (an fp32 run on a GPU is read in fp32, not bf16).
     precision = opts.precision or meta["options"].get("precision") or "auto"
     configure_backends(device, precision)
-    report = evaluate_classifier(method, images.to(device), labels.to(device), opts.batch_size,
+    report = evaluate_classifier(method, images.to(device), labels.to(device), opts.batch_size or 512,
                                  autocast_for(device, precision), dist)
     report = {"method": meta["method"], "checkpoint": str(weights), "step": meta["step"], "domain": f"{name}:{split}",
               "precision": resolve_precision(device, precision), **report}
@@ -78,7 +78,7 @@ def _evaluate_dense(opts: EvaluateOptions, method, meta: dict[str, Any], weights
     from uda_cli.config import parse_scales, parse_size
     from uda_cli.data.registry import load_dense
     from uda_cli.engine.seg_eval import evaluate_segmentation
-    from uda_cli.engine.setup import default_workers, write_eval
+    from uda_cli.engine.setup import default_workers, eval_batch_size, write_eval
 
     if opts.save_predictions is not None and dist.is_main:
         ckpt.make_folder(opts.save_predictions, "the --save-predictions folder",
@@ -95,6 +95,7 @@ def _evaluate_dense(opts: EvaluateOptions, method, meta: dict[str, Any], weights
     subsets = dict(method.spec.class_subsets) | dict(spec.class_subsets)
     report = evaluate_segmentation(
         method, source, size, autocast_for(device, precision), dist, flip=opts.flip, scales=scales,
+        batch_size=opts.batch_size or eval_batch_size(size),
         num_workers=default_workers() if opts.workers is None else opts.workers, save_dir=opts.save_predictions,
         subsets=tuple(subsets.items()), device=device)
     report = {"method": meta["method"], "checkpoint": str(weights), "step": meta["step"], "domain": f"{name}:{split}",

@@ -202,6 +202,12 @@ def check_resume_compatible(meta: dict[str, Any], opts: TrainOptions, cfg: Metho
         raise CheckpointError(f"cannot resume from {path}: it differs in {'; '.join(diffs)}; use the same options or a new --out")
 
 
+def eval_batch_size(size: tuple[int, int]) -> int:
+    """Images per evaluation batch at run size (H, W): about a megapixel (256 digit scenes of
+    64x64, 2 Cityscapes frames of 1024x512); predictions are upsampled to full label size."""
+    return max(1, (1 << 20) // (size[0] * size[1]))
+
+
 def default_workers() -> int:
     """DataLoader workers per dense domain: up to 4, leaving one CPU to the training loop."""
     return max(0, min(4, (os.cpu_count() or 1) - 1))
@@ -300,6 +306,7 @@ def _dense_data(opts, spec, src_spec, src_split, tgt_spec, tgt_split, tgt_eval_s
 
     def evaluate(method, autocast, dist_):
         return evaluate_segmentation(method, tgt_eval, tuple(sizes["tgt"]), autocast, dist_, num_workers=workers,
+                                     batch_size=eval_batch_size(sizes["tgt"]),
                                      subsets=tuple(subsets.items()), device=device)
 
     return Data(batches, tgt, evaluate, {k: list(v) for k, v in sizes.items() if v is not None})
