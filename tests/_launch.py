@@ -59,6 +59,10 @@ def commands(root: Path) -> dict[str, list[str]]:
                       "--log-format", "json"],
         # `uda evaluate` on two processes
         "evaluate": ["evaluate", str(root / "mlp"), "--device", "cpu", "--json", str(root / "mlp_eval.json")],
+        # segmentation: streamed digit scenes sharded over the ranks, evaluation sharded too
+        "seg": ["train", "--method", "source-only", "--src", "mnist-scenes-mini", "--tgt", "mnistm-scenes-mini",
+                "--device", "cpu", "--batch-size", "2", "--steps", "3", "--eval-every", "0", "--workers", "1",
+                "--out", str(root / "seg"), "--log-format", "json"],
     }
 
 

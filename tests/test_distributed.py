@@ -141,6 +141,20 @@ def test_sharded_evaluation_equals_one_process(launch, test_methods):
     assert [e["step"] for e in evals] == [10, 20, 30]
 
 
+def test_segmentation_run_and_its_sharded_evaluation(launch):
+    """A dense run on 2 ranks (each reads its slice of the global batch through its own
+    DataLoader worker) trains, and its sharded mIoU equals one process's on the same checkpoint."""
+    run = launch.root / "seg"
+    assert launch.status("seg") == {0: 0, 1: 0}, launch.log
+    during = json.loads(next((run / "eval").glob("*step00000003.json")).read_text())
+    report, _ = evaluate_checkpoint(EvaluateOptions(target=run, device="cpu", workers=0,
+                                                    json_path=run.parent / "seg_single.json"))
+    assert during["num_images"] == report["num_images"] == 500
+    assert during["confusion_matrix"] == report["confusion_matrix"] and during["miou"] == report["miou"]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["options"]["global_batch_size"] == 4
+
+
 def test_alternating_updates_match_one_process(launch, tmp_path, test_methods):
     """D, T, then G through D and T: the G backward's gradients on D and T are not applied, and
     U (in G's group, used by no loss) keeps grad=None on every rank: weight decay never touches it."""
