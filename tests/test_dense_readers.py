@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from uda_cli.data import gta5 as gta5_module
+from uda_cli.data import pairs as pairs_module
 from uda_cli.data.dense import read_png_unchanged
 from uda_cli.data.labels import CITYSCAPES_CLASSES, IGNORE, SYNTHIA13, SYNTHIA16
 from uda_cli.data.registry import get_domain, load_dense
@@ -177,8 +177,8 @@ def test_gta5_sizes_come_from_the_cache_until_a_file_changes(tmp_path, monkeypat
         warnings.simplefilter("ignore")
         load_dense("gta5", "all", data_root=tmp_path)
         calls = []
-        real = gta5_module.image_size
-        monkeypatch.setattr(gta5_module, "image_size", lambda p: calls.append(p.name) or real(p))
+        real = pairs_module.image_size
+        monkeypatch.setattr(pairs_module, "image_size", lambda p: calls.append(p.name) or real(p))
         assert len(load_dense("gta5", "all[:1]", data_root=tmp_path)) == 1
         assert calls == []  # every size from the cache
         palette_png(folder / "labels" / "00002.png", GTA_IDS)  # replaced: now the right size

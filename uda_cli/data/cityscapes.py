@@ -95,7 +95,7 @@ def _cities(path: Path) -> list[str]:
 
 def _listing(root: Path, suffix: str) -> dict[str, str]:
     """``{stem: path}`` over ``root/<city>/*<suffix>``, in city then name order."""
-    from uda_cli.data.gta5 import list_files
+    from uda_cli.data.pairs import list_files
 
     out: dict[str, str] = {}
     for city in _cities(root):
@@ -113,7 +113,7 @@ def read_cityscapes(folder: Path, split: str):
     """``leftImg8bit/<split>`` with ``gtFine/<split>`` labelIds -> a :class:`~uda_cli.data.dense.FilePairSource`
     (``test``: images only, ``labelled=False``)."""
     from uda_cli.data.dense import FilePairSource, LookupLabels
-    from uda_cli.data.gta5 import CACHE_DIR, download_hint, require_dir, require_pairs, scan_pairs, warn_pairs
+    from uda_cli.data.pairs import CACHE_DIR, download_hint, require_dir, require_pairs, scan_pairs, warn_pairs
     from uda_cli.data.labels import CITYSCAPES_ID_TO_TRAIN
 
     if split not in SPLITS:

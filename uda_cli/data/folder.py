@@ -347,7 +347,7 @@ def _seg_dirs(root: Path) -> tuple[Path, Path]:
 def segmentation_domain(root: Path):
     """The :class:`DomainSpec` of a segmentation folder: classes from ``classes.json``, the run
     size from the first image's header (natural order of stems)."""
-    from uda_cli.data.gta5 import image_size
+    from uda_cli.data.pairs import image_size
     from uda_cli.data.registry import DomainSpec
 
     names, ids, ignore, colors = read_classes(root)
@@ -370,7 +370,7 @@ def read_segmentation_folder(root: Path, ids: tuple[int, ...], ignore: tuple[int
     """``PATH/images`` with ``PATH/labels`` -> a :class:`~uda_cli.data.dense.FilePairSource`, every
     pair checked: matched stems, same size (from the headers)."""
     from uda_cli.data.dense import FilePairSource
-    from uda_cli.data.gta5 import scan_pairs
+    from uda_cli.data.pairs import scan_pairs
 
     if split != SPLIT:
         raise DataError(f"folder domains have one split, {SPLIT!r}, not {split!r}")

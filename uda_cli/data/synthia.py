@@ -76,7 +76,7 @@ LABELS = "RAND_CITYSCAPES/GT/LABELS"
 def read_synthia(folder: Path, split: str):
     """``RAND_CITYSCAPES/RGB/*.png`` with ``GT/LABELS/*.png`` -> a :class:`~uda_cli.data.dense.FilePairSource`."""
     from uda_cli.data.dense import FilePairSource, LookupLabels
-    from uda_cli.data.gta5 import CACHE_DIR, list_files, require_dir, require_pairs, scan_pairs, warn_pairs
+    from uda_cli.data.pairs import CACHE_DIR, list_files, require_dir, require_pairs, scan_pairs, warn_pairs
     from uda_cli.data.labels import SYNTHIA_ID_TO_TRAIN
 
     if split not in SPLITS:
