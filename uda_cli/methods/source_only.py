@@ -39,31 +39,36 @@ from uda_cli.models.classifiers import digit_model_name
 from uda_cli.models.registry import build_model
 
 
+class SegmentationConfig(MethodConfig):
+    """The fields every segmentation method shares: which network F is and how it starts."""
+
+    model: str = Field("auto", description="segmentation network (deeplabv2_r101, fcn8s_vgg16, deeplabv2_small); "
+                                           "auto: the domain's own choice, else deeplabv2_r101")
+    pretrained: str = Field("auto", description="segmentation initialisation: imagenet, none, or a .safetensors "
+                                                "file; auto: imagenet for the big networks, none for the small")
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        from uda_cli.models.registry import list_models
+
+        known = list_models("segmentation")
+        if v != "auto" and v not in known:
+            raise ValueError(f"unknown segmentation network {v!r}{did_you_mean(v, known)}; known: "
+                             f"{', '.join(known)}")
+        return v
+
+
 @register_method("source-only")
 class SourceOnly(Method):
     """Networks: F (encoder), C (classifier)."""
 
-    class Config(MethodConfig):
+    class Config(SegmentationConfig):
         steps: int = Field(2_000, gt=0, description="see the docstring: ADDA's scripts use 10,000")
         backbone: Literal["auto", "lenet", "svhn"] = Field(
             "auto", description="auto: the DANN SVHN network when SVHN is involved, else LeNet"
         )
         weight_decay: float = 2.5e-5
-        model: str = Field("auto", description="segmentation network (deeplabv2_r101, fcn8s_vgg16, deeplabv2_small); "
-                                               "auto: the domain's own choice, else deeplabv2_r101")
-        pretrained: str = Field("auto", description="segmentation initialisation: imagenet, none, or a .safetensors "
-                                                    "file; auto: imagenet for the big networks, none for the small")
-
-        @field_validator("model")
-        @classmethod
-        def _known_model(cls, v: str) -> str:
-            from uda_cli.models.registry import list_models
-
-            known = list_models("segmentation")
-            if v != "auto" and v not in known:
-                raise ValueError(f"unknown segmentation network {v!r}{did_you_mean(v, known)}; known: "
-                                 f"{', '.join(known)}")
-            return v
 
     tasks = {"classification", "segmentation"}
 
@@ -124,18 +129,24 @@ def segmentation_defaults(domains: tuple[str, ...]) -> dict[str, Any]:
     return dict(DEEPLAB_RECIPE)
 
 
-def build_segmentation_net(cfg, spec):
-    """The segmentation network ``cfg.model`` (auto: deeplabv2_r101) for ``spec``'s classes."""
+def segmentation_net_name(cfg) -> str:
+    """The registry name of the segmentation network ``cfg.model`` picks (auto: deeplabv2_r101)."""
+    return "deeplabv2_r101" if cfg.model == "auto" else cfg.model
+
+
+def build_segmentation_net(cfg, spec, **options):
+    """The segmentation network ``cfg.model`` (auto: deeplabv2_r101) for ``spec``'s classes;
+    ``options`` go to its builder (ADVENT's ``multi_level=True``)."""
     from uda_cli.models.registry import build_model, model_entry
 
-    name = "deeplabv2_r101" if cfg.model == "auto" else cfg.model
+    name = segmentation_net_name(cfg)
     if model_entry(name).task != "segmentation":
         raise ConfigError(f"{name} is a {model_entry(name).task} network; pick a segmentation one with --set model=, "
                           "e.g. deeplabv2_r101, fcn8s_vgg16, deeplabv2_small")
     pretrained = cfg.pretrained
     if pretrained == "auto":
         pretrained = "none" if name == "deeplabv2_small" else "imagenet"
-    return build_model(name, num_classes=spec.num_classes, pretrained=pretrained)
+    return build_model(name, num_classes=spec.num_classes, pretrained=pretrained, **options)
 
 
 def segmentation_loss(logits, labels, ignore_index: int = 255):

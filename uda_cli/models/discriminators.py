@@ -4,6 +4,8 @@
 - ``PixelDADiscriminator``: PixelDA's D (Bousmalis et al. CVPR 2017, Figure 2).
 - ``DTNDiscriminator``: DTN's three-class D (Taigman, Polyak & Wolf, ICLR 2017, section 5.1).
 - ``ImageDiscriminator``, ``FeatureDiscriminator``: I2I's Q_tr and Q_z (Murez et al. CVPR 2018).
+- ``EntropyDiscriminator``: ADVENT's fully-convolutional D on entropy maps (Vu et al. CVPR 2019);
+  TPLD reuses it.
 
 None of these is in the model registry: no method lets a user swap them with
 ``--set model=``, and they are not classifiers of the data's classes.
@@ -151,3 +153,30 @@ class FeatureDiscriminator(nn.Module):
 
     def forward(self, z):
         return self.net(z.flatten(1)).flatten()
+
+
+# ---- ADVENT -----------------------------------------------------------------------------------
+
+
+class EntropyDiscriminator(nn.Module):
+    """ADVENT's D (Vu et al., "ADVENT: Adversarial Entropy Minimization for Domain Adaptation
+    in Semantic Segmentation", CVPR 2019; ``get_fc_discriminator`` in valeoai/ADVENT), written
+    generic: any ``[B, in_channels, H, W]`` map (ADVENT: the K-channel weighted
+    self-information map) -> ``[B, 1, H/32, W/32]`` logits, one per patch.
+
+    Five 4x4 convolutions, stride 2, padding 1: in_channels -> ndf -> 2 ndf -> 4 ndf -> 8 ndf
+    -> 1, leaky ReLU 0.2 after the first four, no normalisation, no sigmoid (train it with
+    BCE-with-logits). PyTorch's default initialisation, as ADVENT's.
+    """
+
+    def __init__(self, in_channels: int, ndf: int = 64):
+        super().__init__()
+        widths = (in_channels, ndf, 2 * ndf, 4 * ndf, 8 * ndf)
+        layers: list[nn.Module] = []
+        for cin, cout in zip(widths[:-1], widths[1:]):
+            layers += [nn.Conv2d(cin, cout, 4, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True)]
+        layers.append(nn.Conv2d(8 * ndf, 1, 4, stride=2, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
