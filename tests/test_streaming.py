@@ -113,3 +113,14 @@ def test_small_domains_cycle(n):
     s = DenseStream(ds, 3, seed=0, device="cpu")
     seen = torch.cat([s.next()[2] for _ in range(4)])
     assert set(seen.tolist()) == set(range(n))
+
+
+def test_starting_a_stream_leaves_the_global_rng_alone():
+    """A DataLoader iterator draws its workers' seed; from the global generator that would make
+    dropout after a resume (which restarts the stream) differ from an uninterrupted run."""
+    ds = DenseDataset(Stripes(), (16, 24), AUG, seed=0, stream="src")
+    for workers in (0, 1):
+        torch.manual_seed(7)
+        before = torch.get_rng_state()
+        DenseStream(ds, 2, seed=0, device="cpu", num_workers=workers).next()
+        assert torch.equal(torch.get_rng_state(), before)

@@ -166,7 +166,10 @@ class DenseStream:
             kw = dict(prefetch_factor=self.prefetch, persistent_workers=False)
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=_KeyedBatches(sampler, self.batches), num_workers=self.num_workers,
-            collate_fn=collate, pin_memory=self.device.type == "cuda", **kw)
+            collate_fn=collate, pin_memory=self.device.type == "cuda",
+            # A DataLoader iterator draws its workers' base seed from this generator: the run's own
+            # RNG (dropout, noise) must not depend on when a stream (re)starts, e.g. after a resume.
+            generator=torch.Generator(), **kw)
         self._iter = iter(loader)
 
     def next(self):

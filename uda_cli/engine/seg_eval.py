@@ -204,7 +204,8 @@ def evaluate_segmentation(method, source: DenseSource, size: tuple[int, int],
     writer = _PredictionWriter(save_dir, method.spec.classes) if save_dir is not None else None
     loader = torch.utils.data.DataLoader(
         _EvalSamples(source, indices, size), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        collate_fn=_collate, pin_memory=device.type == "cuda", drop_last=False)
+        collate_fn=_collate, pin_memory=device.type == "cuda", drop_last=False,
+        generator=torch.Generator())  # its own: an iterator draws a worker seed, never from the run's RNG
     from uda_cli.data.transforms import normalize
 
     cm_flat = torch.zeros(k * k + 1, dtype=torch.int64, device=device)
