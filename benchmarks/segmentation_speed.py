@@ -1,8 +1,10 @@
 """Segmentation speed: the segmentation networks' training step and the training loader, as markdown tables.
 
     python benchmarks/segmentation_speed.py --device cuda --models deeplabv2_r101 --precision fp32,bf16
-    python benchmarks/segmentation_speed.py --parts train --models deeplabv2_small --size 64x64 --tgt-size 64x64 --batch 16
-    python benchmarks/segmentation_speed.py --parts train --models deeplabv2_r101 --size 320x160 --tgt-size 320x160 --steps 3
+    python benchmarks/segmentation_speed.py --parts train --models deeplabv2_small --size 64x64 --tgt-size 64x64 \
+        --batch 16
+    python benchmarks/segmentation_speed.py --parts train --models deeplabv2_r101 --size 320x160 --tgt-size 320x160 \
+        --steps 3 --warmup 1
     python benchmarks/segmentation_speed.py --parts loader --files 24 --workers 0,1,2,4 --keep /tmp/uda-seg-speed-files
 
 Training step (``--parts train``): each network of ``--models`` is built with ``pretrained="none"``
@@ -20,11 +22,13 @@ discriminator), ``none`` (source-only); then ``optimizer.step()``. Defaults are 
 target images. Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (the caching allocator's
 live tensors, weights included) from before the first step; on the CPU the process's peak
 resident set (``VmHWM`` of /proc/self/status, reset before the first step by writing 5 to
-/proc/self/clear_refs; without that file, ``resource.getrusage``'s ``ru_maxrss``, a lifetime
-high-water mark that can only hide a smaller later peak). "step MiB" is that peak minus what was
-held just before the first step (weights and inputs built): activations, gradients and momentum.
-``--channels-last`` also measures each network in channels_last (what uda's trainer uses for
-segmentation on CUDA; inputs stay NCHW, as there). bf16 is autocast, on the CPU too.
+/proc/self/clear_refs after glibc's ``malloc_trim``; without that file, ``resource.getrusage``'s
+``ru_maxrss``, a lifetime high-water mark that can only hide a smaller later peak). "step MiB" is
+that peak minus what was held just before the first step (weights and inputs built): activations,
+gradients and momentum. ``--channels-last`` also measures each network in channels_last (what
+uda's trainer uses for segmentation on CUDA; inputs stay NCHW, as there). bf16 is autocast, on
+the CPU too. On a CPU host that others load, pass ``--threads 1``: with two intra-op threads on
+a loaded 2-core host the same step took 0.27-3.4 s against a steady 0.12-0.15 s with one.
 
 Loader (``--parts loader``): writes ``--files`` synthetic frames per dataset (photo-like: smooth
 colour fields, gradients and noise, so PNG compression is realistic at ~3.5 MB a frame) in the
@@ -45,6 +49,12 @@ DIR`` (reused when it holds the same files). Then, on the same files:
 - decode only, per frame: PIL (``dense.read_image``, what uda uses) against
   ``torchvision.io.decode_image`` for images, and PIL against ``torchvision.io.decode_png``
   (``dense.read_png_unchanged``, what uda uses) for labels; alternated file by file.
+
+The PIL pass and the streams run in ``--repeats`` rounds (default 3), alternated, and the table
+gives the median and range of each (the decoders make as many passes): on a shared machine one
+pass can run at half speed. The stream with 0 workers runs in this process, with its torch
+intra-op threads (``--threads``): on a loaded 2-core host two threads made its resize and
+collate copies slower than one (session 30's results).
 
 All reads come from the page cache (the files were just written or read). ``--frame-scale`` shrinks
 the frames and run sizes together (tests). Progress goes to stderr, tables to stdout.
@@ -123,7 +133,7 @@ class PeakMemory:
         if device.type == "cuda":
             self.method = "torch.cuda.max_memory_allocated"
         elif self._clear_refs():
-            self.method = "peak RSS (VmHWM, reset via /proc/self/clear_refs)"
+            self.method = "peak RSS (VmHWM, reset via /proc/self/clear_refs after malloc_trim)"
         else:
             self.method = "peak RSS (ru_maxrss, lifetime high-water mark: a later, smaller peak is hidden)"
 
@@ -139,6 +149,7 @@ class PeakMemory:
     def current(self) -> int:
         if self.device.type == "cuda":
             return self.torch.cuda.memory_allocated(self.device)
+        _malloc_trim()
         rss = _status_kb("VmRSS")
         return rss * 1024 if rss is not None else self._maxrss()
 
@@ -161,6 +172,18 @@ class PeakMemory:
 
         r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return r if sys.platform == "darwin" else r * 1024  # bytes on macOS, KiB on Linux
+
+
+def _malloc_trim() -> None:
+    """Hand the C heap's free memory back to the OS (glibc), so an earlier row's freed tensors do not
+    sit in the resident set and hide the next row's growth (glibc raises its mmap threshold as big
+    blocks are freed, so later big tensors come from the heap and stay resident after free)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _status_kb(key: str) -> int | None:
@@ -261,8 +284,9 @@ def time_train_step(name: str, device, precision: str, channels_last: bool, src_
 
 def fmt_train(rows: list[dict], device_line: str, target_pass: str, warmup: int) -> str:
     methods = sorted({r["memory_method"] for r in rows})
-    tgt = {"forward": "source forward+backward, target forward", "entropy":
-           "source forward+backward, target forward+entropy backward", "none": "source forward+backward only"}[target_pass]
+    tgt = {"forward": "source forward+backward, target forward",
+           "entropy": "source forward+backward, target forward+entropy backward",
+           "none": "source forward+backward only"}[target_pass]
     lines = [f"Training step ({tgt}; SGD on param_groups; pretrained=none, 19 classes). {device_line}.",
              f"ms/step: median (min-max) of the timed steps after {warmup} warm-up steps; img/s counts source + "
              f"target images; peak memory: {'; '.join(methods)}; step MiB = peak minus before the first step.", "",
@@ -396,9 +420,10 @@ def time_uda(source, size, workers: int, device) -> tuple[float, float]:
         stream.close()
 
 
-def time_decoders(source) -> dict[str, float]:
-    """Median ms per file: images by PIL (uda's read_image) and torchvision.io.decode_image, labels by
-    PIL and torchvision.io.decode_png (uda's read_png_unchanged); the two alternate file by file."""
+def time_decoders(source, passes: int = 1) -> dict[str, float]:
+    """Median ms per file over ``passes`` passes: images by PIL (uda's read_image) and
+    torchvision.io.decode_image, labels by PIL and torchvision.io.decode_png (uda's
+    read_png_unchanged); the decoders alternate file by file, in turned order every other file."""
     import numpy as np
     from PIL import Image
 
@@ -418,8 +443,9 @@ def time_decoders(source) -> dict[str, float]:
         pairs = {"image_pil": (read_image, "images"), "image_tv": (tv_image, "images"),
                  "label_pil": (pil_label, "labels"), "label_tv": (read_png_unchanged, "labels")}
         times: dict[str, list[float]] = {k: [] for k in pairs}
-        for i in range(len(source)):
-            order = list(pairs) if i % 2 == 0 else list(reversed(pairs))
+        for j in range(passes * len(source)):
+            i = j % len(source)
+            order = list(pairs) if j % 2 == 0 else list(reversed(pairs))
             for k in order:
                 fn, attr = pairs[k]
                 p = getattr(source, attr)[i]
@@ -429,7 +455,8 @@ def time_decoders(source) -> dict[str, float]:
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
-def run_loader(root: Path, files: int, workers: list[int], scale: float, device, seed: int = 0):
+def run_loader(root: Path, files: int, workers: list[int], scale: float, device, seed: int = 0,
+               repeats: int = 3):
     from uda_cli.data.registry import load_dense
 
     t0 = time.perf_counter()
@@ -444,31 +471,41 @@ def run_loader(root: Path, files: int, workers: list[int], scale: float, device,
         mb = statistics.mean(Path(p).stat().st_size for p in source.images) / 1e6
         native = tuple(source.native_size(0))
         # Decoders first: this also reads every file once, so all that follows finds them in the page cache.
-        dec = time_decoders(source)
-        decode.append({"dataset": domain, "frame": _wh(native), "mb": mb, **dec})
+        dec = time_decoders(source, repeats)
+        decode.append({"dataset": domain, "frame": _wh(native), "mb": mb, "files": len(source), "passes": repeats,
+                       **dec})
         print(f"{domain}: decoders {dec}", file=sys.stderr, flush=True)
-        pil = time_pil(source, size)
-        print(f"{domain}: PIL loop {pil:.2f} img/s", file=sys.stderr, flush=True)
+        # Rounds alternate the PIL loop and the streams, so a change in the machine's load hits both.
+        pil_runs, uda_runs = [], {w: [] for w in workers}
+        for r in range(repeats):
+            pil_runs.append(time_pil(source, size))
+            print(f"{domain}: round {r + 1}/{repeats}: PIL loop {pil_runs[-1]:.2f} img/s", file=sys.stderr, flush=True)
+            for w in workers:
+                uda_runs[w].append(time_uda(source, size, w, device))
+                print(f"{domain}: round {r + 1}/{repeats}: uda stream, {w} workers: {uda_runs[w][-1][0]:.2f} img/s "
+                      f"(first batch {uda_runs[w][-1][1]:.2f} s)", file=sys.stderr, flush=True)
         for w in workers:
-            uda, first = time_uda(source, size, w, device)
-            print(f"{domain}: uda stream, {w} workers: {uda:.2f} img/s (first batch {first:.2f} s)",
-                  file=sys.stderr, flush=True)
             rows.append({"dataset": domain, "frame": _wh(native), "mb": mb, "run": _wh(size), "files": len(source),
-                         "workers": w, "uda_img_s": uda, "first_s": first, "pil_img_s": pil})
+                         "workers": w, "repeats": repeats, "uda": [u for u, _ in uda_runs[w]],
+                         "first_s": statistics.median(f for _, f in uda_runs[w]), "pil": pil_runs})
     return rows, decode
 
 
 def fmt_loader(rows: list[dict], decode: list[dict], device_line: str) -> str:
     lines = [f"Loader: uda's DenseDataset + DenseStream (batch 1, resize only) against the papers' serial PIL loop "
-             f"(open, RGB, bicubic resize, np.asarray; label nearest), same files, page cache warm. {device_line}.", "",
+             f"(open, RGB, bicubic resize, np.asarray; label nearest), same files, page cache warm; img/s: median "
+             f"(min-max) of {rows[0]['repeats'] if rows else 0} rounds, each a PIL pass then one stream per worker "
+             f"count; uda/PIL: ratio of the medians. {device_line}.", "",
              "| dataset | frame | MB/frame | run size | files | workers | uda img/s | first batch s | PIL img/s | "
              "uda/PIL |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        uda, pil = statistics.median(r["uda"]), statistics.median(r["pil"])
         lines.append(f"| {r['dataset']} | {r['frame']} | {r['mb']:.2f} | {r['run']} | {r['files']} | {r['workers']} | "
-                     f"{r['uda_img_s']:.2f} | {r['first_s']:.2f} | {r['pil_img_s']:.2f} | "
-                     f"{r['uda_img_s'] / r['pil_img_s']:.2f} |")
-    lines += ["", "Decode only, median ms per file (the two decoders alternate file by file):", "",
+                     f"{uda:.2f} ({min(r['uda']):.2f}-{max(r['uda']):.2f}) | {r['first_s']:.2f} | "
+                     f"{pil:.2f} ({min(r['pil']):.2f}-{max(r['pil']):.2f}) | {uda / pil:.2f} |")
+    passes = f"{decode[0]['files']} files x {decode[0]['passes']} passes" if decode else ""
+    lines += ["", f"Decode only, median ms per file over {passes} (the decoders alternate file by file):", "",
               "| dataset | frame | MB/frame | image PIL | image torchvision decode_image | tv/PIL | label PIL | "
               "label torchvision decode_png | tv/PIL |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -498,8 +535,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
     ap.add_argument("--files", type=int, default=24, help="synthetic frames per dataset for the loader")
     ap.add_argument("--workers", default="0,1,2,4", help="comma list of DataLoader worker counts")
+    ap.add_argument("--repeats", type=int, default=3, help="loader rounds (PIL pass + streams) per dataset")
     ap.add_argument("--keep", type=Path, help="write (or reuse) the loader's files here, not in a temporary folder")
     ap.add_argument("--frame-scale", type=float, default=1.0, help="shrink frames and run sizes (tests)")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads of this process (default: torch's); "
+                    "DataLoader workers use 1 each")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -516,15 +556,21 @@ def main(argv: list[str] | None = None) -> int:
         workers = [int(w) for w in _list(args.workers)]
     except ValueError:
         ap.error(f"--workers takes a comma list of integers, not {args.workers!r}")
-    if args.batch < 1 or args.steps < 1 or args.warmup < 0 or args.files < 1 or any(w < 0 for w in workers):
-        ap.error("--batch, --steps and --files must be positive; --warmup and --workers at least 0")
+    if (args.batch < 1 or args.steps < 1 or args.warmup < 0 or args.files < 1 or args.repeats < 1
+            or any(w < 0 for w in workers)):
+        ap.error("--batch, --steps, --files and --repeats must be positive; --warmup and --workers at least 0")
+    if args.threads is not None and args.threads < 1:
+        ap.error("--threads must be positive")
     if not 0 < args.frame_scale <= 1:
         ap.error("--frame-scale must be in (0, 1]")
 
+    import torch
+
     from uda_cli.engine.runtime import resolve_device
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    out = []
     if "train" in parts:
         rows = []
         for name in models:
@@ -536,17 +582,17 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  {row.get('ms', float('nan')):.1f} ms/step {row.get('error', '')}", file=sys.stderr,
                           flush=True)
                     rows.append(row)
-        out.append(fmt_train(rows, machine_line(device), args.target_pass, args.warmup))
-        print(out[-1] + "\n", flush=True)
+        print(fmt_train(rows, machine_line(device), args.target_pass, args.warmup) + "\n", flush=True)
     if "loader" in parts:
         if args.keep:
             args.keep.mkdir(parents=True, exist_ok=True)
-            rows, decode = run_loader(args.keep, args.files, workers, args.frame_scale, device, args.seed)
+            rows, decode = run_loader(args.keep, args.files, workers, args.frame_scale, device, args.seed,
+                                           args.repeats)
         else:
             with tempfile.TemporaryDirectory(prefix="uda-seg-speed-") as tmp:
-                rows, decode = run_loader(Path(tmp), args.files, workers, args.frame_scale, device, args.seed)
-        out.append(fmt_loader(rows, decode, machine_line(device)))
-        print(out[-1] + "\n", flush=True)
+                rows, decode = run_loader(Path(tmp), args.files, workers, args.frame_scale, device, args.seed,
+                                           args.repeats)
+        print(fmt_loader(rows, decode, machine_line(device)) + "\n", flush=True)
     return 0
 
 
