@@ -13,7 +13,7 @@ Sources are picklable (they hold paths and small tables, never decoded images), 
 ``DataLoader`` workers read them; ``engine``-side resizing, cropping and augmentation
 happen in :mod:`uda_cli.data.streaming`.
 
-Images decode with PIL, labels with ``torchvision.io.decode_png`` (16-bit colour PNGs);
+Images and labels decode with ``torchvision.io`` (PIL where it cannot);
 ``benchmarks/segmentation_speed.py`` measures the two decoders side by side.
 """
 
@@ -53,12 +53,33 @@ class DenseSource:
 
 
 def read_image(path: Path):
-    """An image file -> uint8 tensor [3, H, W] (grey is repeated, alpha dropped), decoded by PIL.
+    """An image file -> uint8 tensor [3, H, W] (grey is repeated, alpha dropped).
 
-    PIL, not ``torchvision.io``: on a 1914x1052 GTA5-sized PNG PIL decodes in ~40 ms against
-    ~46 ms on one core here (``benchmarks/segmentation_speed.py``), and torchvision 0.29
-    deprecates its image decoders in favour of TorchCodec.
+    ``torchvision.io`` decodes, PIL where that cannot: on full-size GTA5/Cityscapes-like
+    PNGs torchvision took 0.79-0.86 of PIL's time
+    (``benchmarks/results/2026-12-06_cpu_session30_segmentation_speed.md``). torchvision 0.29
+    deprecates its decoders in favour of TorchCodec: the warning is silenced here, and a
+    torchvision without them falls back to PIL.
     """
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            from torchvision.io import ImageReadMode, decode_image, read_file
+        except ImportError:  # a torchvision without its decoders
+            return _read_image_pil(path)
+        try:
+            x = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        except (RuntimeError, ValueError) as e:
+            raise DataError(f"cannot read the image {path} ({str(e).splitlines()[0]}); the file is damaged or not an "
+                            "image: download it again or remove it") from None
+    return x if x.dtype == torch.uint8 else _read_image_pil(path)  # 16-bit: PIL scales, torchvision wraps
+
+
+def _read_image_pil(path: Path):
     import torch
     from PIL import Image, UnidentifiedImageError
 
