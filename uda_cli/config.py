@@ -77,6 +77,8 @@ class TrainOptions(Options):
     )
     resume: str | None = Field(default=None, description="'auto' or a checkpoint path")
     params: dict[str, Any] = Field(default_factory=dict, description="method hyperparameters")
+    init: Path | None = Field(default=None, description="start from another run's (or checkpoint's) network: "
+                                                         "a run folder or a .safetensors checkpoint")
     # Segmentation only (dense domains): sizes are written WxH, as the papers write them.
     src_size: str | None = Field(default=None, description="WxH the source images are resized to (default: the domain's)")
     tgt_size: str | None = Field(default=None, description="WxH the target images are resized to (default: the domain's)")
@@ -88,6 +90,13 @@ class TrainOptions(Options):
 
     _device = field_validator("device")(_check_device)
     _domains = field_validator("src", "tgt")(_check_domain)
+
+    @field_validator("init")
+    @classmethod
+    def _init(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.exists():
+            raise ValueError(f"{v} does not exist; pass a run folder (runs/NAME) or a .safetensors checkpoint")
+        return v
 
     @field_validator("src_size", "tgt_size", "crop")
     @classmethod

@@ -42,6 +42,7 @@ def train(
     eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Evaluate on the target every N steps, 0 never [1000].", show_default=False)] = None,
     keep_checkpoints: Annotated[Optional[int], typer.Option("--keep-checkpoints", help="Periodic checkpoints kept, the latest always; 0 keeps every one (for tools/curves.py --domain) [3].", show_default=False)] = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="'auto' continues the run in --out if it has a checkpoint; or a checkpoint path.", show_default=False)] = None,
+    init: Annotated[Optional[Path], typer.Option("--init", help="Start from another run's network (a run folder or a .safetensors checkpoint), e.g. a source-only run for a self-training method.", show_default=False)] = None,
     src_size: Annotated[Optional[str], typer.Option("--src-size", help="Segmentation: WxH the source images are resized to [the domain's: GTA5 1280x720, SYNTHIA 1280x760, Cityscapes 1024x512, digit scenes 64x64].", show_default=False)] = None,
     tgt_size: Annotated[Optional[str], typer.Option("--tgt-size", help="Segmentation: WxH the target images are resized to [the domain's].", show_default=False)] = None,
     crop: Annotated[Optional[str], typer.Option("--crop", help="Segmentation: WxH random training crop, after --scale (CRST: 1024x512) [none].", show_default=False)] = None,
@@ -57,7 +58,7 @@ def train(
                  data_root=data_root, device=device,
                  precision=precision.value if precision else None, save_every=save_every, eval_every=eval_every,
                  keep_checkpoints=keep_checkpoints, resume=resume, log_format=log_format.value if log_format else None,
-                 src_size=src_size, tgt_size=tgt_size, crop=crop, scale=scale, flip=flip, workers=workers)
+                 src_size=src_size, tgt_size=tgt_size, crop=crop, scale=scale, flip=flip, workers=workers, init=init)
     opts = merge_train_options(config, flags, parse_set(set_))
 
     from uda_cli.engine.trainer import train as run_train  # torch is imported from here on

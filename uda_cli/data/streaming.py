@@ -33,6 +33,7 @@ from uda_cli.data.batches import ShardedIndices
 from uda_cli.data.dense import DenseSource
 from uda_cli.data.labels import IGNORE
 from uda_cli.data.transforms import normalize
+from uda_cli.errors import UDAError
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,14 @@ class DenseDataset(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, key):
+        try:
+            return self._get(key)
+        except UDAError as e:
+            # Handed back as a value and raised by the main process: raised in a worker, the
+            # DataLoader would re-raise it with the worker's traceback in its one-line message.
+            return e
+
+    def _get(self, key):
         draw, index = key
         image, label = self.source.read(index)
         if not self.labels:
@@ -119,7 +128,11 @@ class DenseDataset(torch.utils.data.Dataset):
 
 
 def collate(samples):
-    """Stack a batch of equal-size samples: ``(images [B,3,h,w], labels [B,h,w] or None, indices [B])``."""
+    """Stack a batch of equal-size samples: ``(images [B,3,h,w], labels [B,h,w] or None, indices [B])``;
+    a sample that failed to read (a UDAError) is passed on instead, for the stream to raise."""
+    for s in samples:
+        if isinstance(s, UDAError):
+            return s
     images = torch.stack([s[0] for s in samples])
     labels = None if samples[0][1] is None else torch.stack([s[1] for s in samples])
     return images, labels, torch.tensor([s[2] for s in samples], dtype=torch.int64)
@@ -175,7 +188,11 @@ class DenseStream:
     def next(self):
         if self._iter is None:
             self._start()
-        images, labels, indices = next(self._iter)
+        got = next(self._iter)
+        if isinstance(got, UDAError):
+            self.close()
+            raise got
+        images, labels, indices = got
         expected = self.tracker.next()
         if not torch.equal(indices, expected.cpu()):  # a broken invariant, never the user's doing
             raise RuntimeError("dense stream out of step with its sampler")
@@ -205,16 +222,27 @@ class DenseBatches:
 
     def __init__(self, src: DenseDataset, tgt: DenseDataset, batch_size: int, seed: int, device,
                  world_size: int = 1, rank: int = 0, num_workers: int = 0):
+        self._stream_args = dict(batch_size=batch_size, device=device, world_size=world_size, rank=rank,
+                                 num_workers=num_workers)
         # Different seeds per stream (as PairedBatches): independent orders and augmentations.
         self.streams = {
             "src": DenseStream(src, batch_size, seed * 2 + 1, device, world_size, rank, num_workers),
             "tgt": DenseStream(tgt, batch_size, seed * 2 + 2, device, world_size, rank, num_workers),
         }
 
+    def set_target(self, dataset: DenseDataset, seed: int) -> None:
+        """Draw target batches from ``dataset`` from now on (a self-training round's images and
+        pseudo-labels: ``y_t`` in each batch), in an order seeded by ``seed``."""
+        self.streams["tgt"].close()
+        self.streams["tgt"] = DenseStream(dataset, seed=seed, **self._stream_args)
+
     def next(self) -> dict[str, torch.Tensor]:
         x_s, y_s, _ = self.streams["src"].next()
-        x_t, _, i_t = self.streams["tgt"].next()
-        return {"x_s": normalize(x_s), "y_s": y_s.long(), "x_t": normalize(x_t), "idx_t": i_t}
+        x_t, y_t, i_t = self.streams["tgt"].next()
+        batch = {"x_s": normalize(x_s), "y_s": y_s.long(), "x_t": normalize(x_t), "idx_t": i_t}
+        if y_t is not None:  # a round's pseudo-labels
+            batch["y_t"] = y_t.long()
+        return batch
 
     def close(self) -> None:
         for s in self.streams.values():

@@ -158,8 +158,16 @@ def resolve_run(opts: TrainOptions, task: str | None = None,
     """
     cls = get_method(opts.method)
     params = {**cls.task_defaults(task, domains), **opts.params} if task else dict(opts.params)
+    if opts.init is not None and "warmup_steps" in cls.Config.model_fields and "warmup_steps" not in opts.params:
+        params["warmup_steps"] = 0  # --init replaces the source-only warm-up
     cfg = method_config(opts.method, params)
     total, batch_size = opts.steps or cfg.steps, opts.batch_size or cfg.batch_size
+    derived = cls.derived_steps(cfg)
+    if derived is not None:
+        if opts.steps is not None and opts.steps != derived:
+            raise ConfigError(f"{opts.method} derives its length: warmup_steps + rounds x round_steps = {derived} "
+                              f"steps, not --steps {opts.steps}; set those with --set instead")
+        total = derived
     cfg = cfg.model_copy(update={"steps": total, "batch_size": batch_size})
     return cls, cfg, total, batch_size
 
@@ -222,6 +230,8 @@ class Data:
     target: Any
     evaluate: Callable[..., dict[str, Any]]
     sizes: dict[str, list[int]]
+    workers: int = 0
+    set_target: Callable[[Any], None] | None = None  # a self-training round's target source (dense runs)
 
 
 def check_pair(src: DomainSpec, tgt: DomainSpec) -> None:
@@ -287,7 +297,7 @@ def _dense_data(opts, spec, src_spec, src_split, tgt_spec, tgt_split, tgt_eval_s
                 device):
     """Segmentation: sources read one sample at a time through DataLoader workers."""
     from uda_cli.data.registry import load_dense
-    from uda_cli.data.streaming import Augment, DenseBatches, DenseDataset
+    from uda_cli.data.streaming import Augment, DenseBatches, DenseDataset, sample_seed
     from uda_cli.engine.seg_eval import evaluate_segmentation
 
     src = load_dense(src_spec.name, src_split, opts.data_root)
@@ -309,4 +319,15 @@ def _dense_data(opts, spec, src_spec, src_split, tgt_spec, tgt_split, tgt_eval_s
                                      batch_size=eval_batch_size(sizes["tgt"]),
                                      subsets=tuple(subsets.items()), device=device)
 
-    return Data(batches, tgt, evaluate, {k: list(v) for k, v in sizes.items() if v is not None})
+    rounds = {"n": 0}
+
+    def set_target(source) -> None:
+        # Each call is a new round's target: its own order and augmentation stream, seeded by
+        # (seed, round), so a resumed round rebuilds the same stream before its state loads.
+        rounds["n"] += 1
+        stream = f"tgt-round{source.files.index}" if hasattr(source, "files") else f"tgt-{rounds['n']}"
+        seed = sample_seed(opts.seed, stream, 0) % (1 << 31)
+        batches.set_target(DenseDataset(source, sizes["tgt"], augment, seed=opts.seed, stream=stream), seed)
+
+    return Data(batches, tgt, evaluate, {k: list(v) for k, v in sizes.items() if v is not None}, workers,
+                set_target)

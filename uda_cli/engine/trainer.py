@@ -144,6 +144,8 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
 
     method = build_method(opts.method, cfg, spec)
     method.total_steps = total  # for schedules inside a method (e.g. DANN's reversal ramp)
+    if opts.init is not None and resume_from is None:
+        init_from(method, opts.init)
     method.nets.to(device)
     if device.type == "cuda" and spec.task == "segmentation":
         # NHWC convolutions are cuDNN's fast path for bf16 on tensor cores (the input batches
@@ -190,7 +192,9 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
         for g, opt in optims.items():
             opt.load_state_dict(state["optim"][g])
             scheds[g].load_state_dict(state["sched"][g])
-        batches.load_state_dict(state["batches"])
+        # The batch streams' state is restored below, once a round resumed mid-way has rebuilt
+        # its target stream: its state is the round's stream's, not the one set up above.
+        resume_batches = state["batches"]
         start = resume_meta["step"]
         rng_note = _restore_rng(state, dist, opts.seed, start)
 
@@ -251,16 +255,23 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
             logger.info(f"resumed from {resume_from} at step {start}")
             if rng_note:
                 logger.info(rng_note)
+        def round_context(index: int, at: int, resumed: bool) -> RoundContext:
+            return RoundContext(run_dir, index, at, resumed, tgt, device, autocast, dist=dist,
+                                size=tuple(data.sizes["tgt"]), seed=opts.seed, num_workers=data.workers,
+                                set_target=data.set_target, info=logger.info)
+
         past = [r for r in rounds if r < start]
         if past and start not in rounds:  # resumed mid-round: reload what the round prepared
-            method.prepare_round(RoundContext(run_dir, rounds.index(past[-1]), start, True, tgt, device, autocast))
+            method.prepare_round(round_context(rounds.index(past[-1]), start, True))
+        if resume_from:
+            batches.load_state_dict(resume_batches)
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}  # steps that reported each loss (phases report different ones)
         n_acc, t_last = 0, time.perf_counter()
         step = start
         while step < total:
             if step in rounds:
-                method.prepare_round(RoundContext(run_dir, rounds.index(step), step, False, tgt, device, autocast))
+                method.prepare_round(round_context(rounds.index(step), step, False))
             with autocast():
                 losses = method.train_step(batches.next(), step)
             if buffers and world > 1:
@@ -328,6 +339,34 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
             logger.info(f"stop signal {result.late_signal} came after the last step; the run is complete "
                         f"(checkpoint {result.checkpoint})")
     return result
+
+
+def init_from(method, path: Path) -> None:
+    """``--init``: start ``method``'s networks from another run's, by name (F from F, ...): a
+    source-only run's segmentation network for a self-training method. Networks the other run
+    has not (D) keep their initialisation; one of another task, classes or shape is one line."""
+    weights = ckpt.resolve_checkpoint(path)
+    meta = ckpt.read_metadata(weights)
+    theirs = RunSpec.from_json(meta["spec"])
+    if theirs.task != method.spec.task or tuple(theirs.classes) != tuple(method.spec.classes):
+        raise ConfigError(f"--init {path}: a {theirs.task} run of {len(theirs.classes)} classes ({meta['method']}), "
+                          f"this one is {method.spec.task} of {len(method.spec.classes)}; pass a run of the same "
+                          "task and classes")
+    tensors = ckpt.read_tensors(weights)
+    shared = [g for g in method.nets if any(k.startswith(f"{g}.") for k in tensors)]
+    if not shared:
+        raise ConfigError(f"--init {path} ({meta['method']}) has none of this method's networks "
+                          f"({', '.join(method.nets)}); pass a run of a method with the same networks")
+    for g in shared:
+        sd = {k[len(g) + 1:]: v for k, v in tensors.items() if k.startswith(f"{g}.")}
+        try:
+            method.nets[g].load_state_dict(sd)
+        except RuntimeError as e:
+            first = (str(e).splitlines() or ["shape mismatch"])[0]
+            model = meta["config"].get("model", "?")
+            raise ConfigError(f"--init {path}: its network {g} ({model}) does not fit this run's "
+                              f"({getattr(method.cfg, 'model', '?')}): {first[:160]}; pass --set model= as that run "
+                              "had it") from None
 
 
 def _header(opts, meta, method, spec, device, total, batch_size, world, run_dir) -> str:

@@ -135,7 +135,14 @@ class RunSpec:
 
 @dataclass
 class RoundContext:
-    """What ``prepare_round`` gets: the run folder, the target training data, and helpers."""
+    """What ``prepare_round`` gets: the run folder, the target training data, and helpers.
+
+    ``resumed``: the run resumed inside this round, whose files are complete: reload them
+    (and call ``set_target`` again), never predict again. ``set_target(source)`` makes the
+    target batches come from ``source`` from here on (a dense source whose labels are the
+    round's pseudo-labels; ``batch["y_t"]`` then holds them and ``idx_t`` indexes ``source``),
+    resized and augmented as the run's target is, in an order of its own seeded by the round.
+    """
 
     run_dir: Path
     round_index: int
@@ -144,6 +151,12 @@ class RoundContext:
     target: Any  # the target training domain (an in-memory or streaming domain)
     device: Any
     autocast: Callable[[], Any]
+    dist: Any = None  # engine.distributed.Dist: the pass shards over its ranks
+    size: tuple[int, int] | None = None  # (H, W) the target trains at
+    seed: int = 0
+    num_workers: int = 0
+    set_target: Callable[[Any], None] | None = None
+    info: Callable[[str], None] = print  # one log line
 
 
 class Method:
@@ -180,6 +193,12 @@ class Method:
         if getattr(config, "grayscale", False):
             return 1
         return max(src_channels, tgt_channels)
+
+    @classmethod
+    def derived_steps(cls, config: MethodConfig) -> int | None:
+        """A run's length when the method derives it from its config (self-training: warm-up
+        plus rounds x round steps); None: ``--steps`` or the config's ``steps``."""
+        return None
 
     def build(self) -> dict[str, "nn.Module"]:
         raise NotImplementedError

@@ -1,0 +1,154 @@
+"""Self-training rounds end to end (cbst) on tiny GTA5/Cityscapes files: round files, a run
+SIGKILLed inside a round resumes to the straight run's weights, the pass resumes from its
+files, --init, and the one-line refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from test_segmentation_run import KILL_AT_STEP_5, _street, cli
+from uda_cli.engine import checkpoint as ckpt
+
+ROUNDS = ["--set", "warmup_steps=3", "--set", "rounds=2", "--set", "round_steps=3"]
+
+
+@pytest.fixture(scope="module")
+def street(tmp_path_factory) -> Path:
+    return _street(tmp_path_factory.mktemp("street"))
+
+
+def argv(root: Path, run: Path, *extra: str, method: str = "cbst") -> list[str]:
+    return ["train", "--method", method, "--src", "gta5", "--tgt", "cityscapes", "--data-root", str(root),
+            "--set", "model=deeplabv2_small", "--set", "pretrained=none", "--set", "lr=0.01",
+            "--src-size", "96x48", "--tgt-size", "96x48", "--batch-size", "2", "--device", "cpu",
+            "--eval-every", "0", "--workers", "0", "--out", str(run), *extra]
+
+
+def weights(run: Path) -> dict:
+    return ckpt.read_tensors(ckpt.resolve_checkpoint(run))
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def straight(street, tmp_path_factory) -> Path:
+    """The uninterrupted run, a checkpoint at every step (the tests below cut copies of it)."""
+    run = tmp_path_factory.mktemp("st") / "straight"
+    from uda_cli.cli.app import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv(street, run, *ROUNDS, "--log-format", "text", "--save-every", "1", "--keep-checkpoints", "0"))
+    assert e.value.code == 0
+    return run
+
+
+def test_rounds_write_their_files(straight, street):
+    stems = sorted(p.name.removesuffix("_leftImg8bit.png")
+                   for p in (street / "cityscapes" / "leftImg8bit" / "train").rglob("*.png"))
+    config = json.loads((straight / "config.json").read_text())
+    assert config["options"]["steps"] == 3 + 2 * 3 and config["config"]["steps"] == 9
+    for r, portion in ((0, 0.2), (1, 0.25)):
+        folder = straight / "rounds" / f"{r:02d}"
+        assert (folder / "complete").exists()
+        assert sorted(p.stem for p in (folder / "labels").glob("*.png")) == stems
+        assert sorted(p.stem for p in (folder / "pred").glob("*.npz")) == stems
+        th = json.loads((folder / "thresholds.json").read_text())
+        assert th["portion"] == pytest.approx(portion) and len(th["lambda"]) == 19
+        stats = json.loads((folder / "stats.json").read_text())
+        assert stats["images"] == 3 and 0 <= stats["labelled"] <= 1 and len(stats["labelled_per_class"]) == 19
+        from PIL import Image
+
+        label = np.array(Image.open(folder / "labels" / f"{stems[0]}.png"))
+        assert label.shape == (48, 96) and set(np.unique(label)) <= set(range(19)) | {255}
+        with np.load(folder / "pred" / f"{stems[0]}.npz") as z:
+            assert z["classes"].shape == (2, 48, 96) and z["probs"].dtype == np.float16
+
+
+def test_killed_inside_a_round_resumes_to_the_straight_run(straight, street, tmp_path, capsys):
+    run = tmp_path / "killed"
+    r = subprocess.run([sys.executable, "-c", KILL_AT_STEP_5, *argv(street, run, *ROUNDS, "--save-every", "2")],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+                       timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert ckpt.resolve_checkpoint(run).name == "step-00000004.safetensors"  # inside round 0 (steps 3-5)
+    code, out, err = cli(argv(street, run, *ROUNDS, "--save-every", "2", "--resume", "auto"), capsys)
+    assert code == 0, err
+    assert same(weights(run), weights(straight))
+    assert (run / "rounds" / "01" / "complete").exists()
+
+
+def test_a_pass_resumes_from_its_files(straight, street, tmp_path, capsys):
+    """Round 1's pass cut short (its marker, labels and one prediction gone): a resume from
+    the checkpoint before the round redoes only what is missing, to the same weights."""
+    import shutil
+
+    run = tmp_path / "cut"
+    shutil.copytree(straight, run)
+    r1 = run / "rounds" / "01"
+    (r1 / "complete").unlink()
+    shutil.rmtree(r1 / "labels")
+    one = sorted((r1 / "pred").glob("*.npz"))[1]
+    one.unlink()
+    for p in (run / "checkpoints").glob("step-0000000[7-9]*"):
+        p.unlink()
+    (run / "checkpoints" / "latest").write_text("step-00000006\n")
+    assert (run / "checkpoints" / "step-00000006.safetensors").exists()
+    code, out, err = cli(argv(street, run, *ROUNDS, "--resume", "auto", "--log-format", "text"), capsys)
+    assert code == 0, err
+    assert one.exists() and (r1 / "complete").exists()
+    assert same(weights(run), weights(straight))
+
+
+def test_init_starts_from_another_run_and_skips_the_warmup(straight, street, tmp_path, capsys):
+    src = tmp_path / "src"
+    assert cli(["train", "--method", "source-only", "--src", "gta5", "--tgt", "cityscapes", "--data-root",
+                str(street), "--set", "model=deeplabv2_small", "--set", "pretrained=none", "--src-size", "96x48",
+                "--tgt-size", "96x48", "--batch-size", "2", "--steps", "2", "--device", "cpu", "--eval-every", "0",
+                "--workers", "0", "--out", str(src)], capsys)[0] == 0
+    run = tmp_path / "init"
+    code, out, err = cli(argv(street, run, "--set", "rounds=1", "--set", "round_steps=2", "--init", str(src),
+                              "--log-format", "text"), capsys)
+    assert code == 0, err
+    config = json.loads((run / "config.json").read_text())
+    assert config["config"]["warmup_steps"] == 0 and config["options"]["steps"] == 2
+    assert "round 0: pseudo-label pass" in err
+
+
+def test_refusals_are_one_line(street, straight, tmp_path, capsys):
+    # --steps against the derived length
+    code, _, err = cli(argv(street, tmp_path / "a", *ROUNDS, "--steps", "5"), capsys)
+    assert code == 2 and "derives its length" in err and len(err.strip().splitlines()) == 1, err
+    # --init of another task
+    digits = tmp_path / "digits"
+    assert cli(["train", "--method", "source-only", "--src", "mnist2000", "--tgt", "usps1800", "--steps", "1",
+                "--batch-size", "4", "--device", "cpu", "--out", str(digits)], capsys)[0] == 0
+    code, _, err = cli(argv(street, tmp_path / "b", *ROUNDS, "--init", str(digits)), capsys)
+    assert code == 2 and "--init" in err and "classification run of 10 classes" in err, err
+    # cbst on classification domains
+    code, _, err = cli(["train", "--method", "cbst", "--src", "mnist2000", "--tgt", "usps1800", "--out",
+                        str(tmp_path / "c")], capsys)
+    assert code == 2 and "cbst" in err and "segmentation" in err and len(err.strip().splitlines()) == 1, err
+    # a round folder edited by hand: a pseudo-label gone, the run resumed inside that round
+    import shutil
+
+    run = tmp_path / "edited"
+    shutil.copytree(straight, run)
+    for p in (run / "checkpoints").glob("step-0000000[89]*"):
+        p.unlink()
+    (run / "checkpoints" / "latest").write_text("step-00000007\n")
+    victim = sorted((run / "rounds" / "01" / "labels").glob("*.png"))[0]
+    victim.unlink()
+    code, _, err = cli(argv(street, run, *ROUNDS, "--resume", "auto"), capsys)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1 and len(errors) == 1 and f"{victim} is missing" in errors[0] and "Traceback" not in err, err
