@@ -20,8 +20,8 @@ ADVENT trains its source model: SGD lr 2.5e-4 (10x on the classifier), momentum 
 weight decay 5e-4, poly 0.9, batch 1, 120,000 steps (ADVENT's early stop), ImageNet weights.
 Logits are upsampled bilinearly with align_corners=True, as ADVENT and CRST do.
 Departure: digit scenes (a domain that names ``deeplabv2_small`` as its model) train with
-Adam 1e-3, batch 16, 1,500 steps and no pretrained weights, measured in
-``benchmarks/segmentation.py``; a CPU reaches a stable mIoU in minutes (docs/methods/source-only.md).
+Adam 1e-3, batch 16, 1,500 steps and no pretrained weights: minutes on one CPU thread, the mIoU
+still rising slowly at the end (docs/methods/source-only.md).
 The target oracle is this method with the target as the source.
 """
 
