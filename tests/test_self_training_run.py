@@ -152,3 +152,30 @@ def test_refusals_are_one_line(street, straight, tmp_path, capsys):
     code, _, err = cli(argv(street, run, *ROUNDS, "--resume", "auto"), capsys)
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 1 and len(errors) == 1 and f"{victim} is missing" in errors[0] and "Traceback" not in err, err
+
+
+def test_crst_adds_mrkld_to_the_target_term(street, tmp_path, capsys):
+    """crst runs through a round; its target term is CBST's plus 0.1 x MRKLD (checked by hand
+    on one batch), and lrent is refused in one line."""
+    import torch.nn.functional as F
+
+    from uda_cli.methods import self_training as st
+    from uda_cli.methods.crst import CRST
+
+    run = tmp_path / "crst"
+    code, out, err = cli(argv(street, run, "--set", "warmup_steps=1", "--set", "rounds=1", "--set", "round_steps=2",
+                              method="crst"), capsys)
+    assert code == 0 and (run / "rounds" / "00" / "complete").exists(), err
+    logits = torch.randn(2, 19, 6, 12)
+    labels = torch.randint(0, 19, (2, 12, 24))
+    labels[0, :3] = 255
+    method = CRST.__new__(CRST)
+    method.cfg = CRST.Config(regularizer="mrkld", reg_weight=0.1)
+    up = F.interpolate(logits, size=(12, 24), mode="bilinear", align_corners=True)
+    keep = labels != 255
+    ce = F.cross_entropy(up, labels, ignore_index=255)
+    reg = (-F.log_softmax(up, 1).mean(1))[keep].mean()
+    assert float(method.target_loss(logits, {"y_t": labels})) == pytest.approx(float(ce + 0.1 * reg), rel=1e-5)
+    assert float(st.mrkld(up, keep)) == pytest.approx(float(reg), rel=1e-6)
+    code, _, err = cli(argv(street, tmp_path / "l", "--set", "regularizer=lrent", method="crst"), capsys)
+    assert code == 2 and "lrent" in err and "not built yet" in err, err

@@ -149,11 +149,18 @@ def build_segmentation_net(cfg, spec, **options):
     return build_model(name, num_classes=spec.num_classes, pretrained=pretrained, **options)
 
 
+def upsample_to(logits, labels):
+    """Logits at the network's stride, upsampled bilinearly (align_corners=True, as ADVENT and
+    CRST) to the labels' [H, W]."""
+    if logits.shape[-2:] != labels.shape[-2:]:
+        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=True)
+    return logits
+
+
 def segmentation_loss(logits, labels, ignore_index: int = 255):
     """Pixel cross-entropy: logits at the network's stride, upsampled (bilinear,
     align_corners=True, as ADVENT and CRST) to the labels' size; 255 is ignored."""
-    if logits.shape[-2:] != labels.shape[-2:]:
-        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=True)
+    logits = upsample_to(logits, labels)
     # Summed over the labelled pixels and divided by their count (at least 1): a crop that holds
     # only ignored pixels gives 0, where the mean would be NaN.
     total = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
