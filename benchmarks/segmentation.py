@@ -9,11 +9,14 @@ Pairs (mIoU on the target's evaluation split, the final checkpoint, whole images
 - scenes:             mnist-scenes -> mnistm-scenes, tested on its 2,000 fixed test scenes.
                       Needs MNIST and MNIST-M: linked / installed from ``--shared``.
 - scenes-mini:        mnist-scenes-mini -> mnistm-scenes-mini (ship with uda), 500 test scenes.
+- scenes-tiny:        the minis' first 64 train / 100 test scenes: seconds, for the tests.
 - gta5-cityscapes:    gta5 -> cityscapes, tested on cityscapes:val (500 images, 19 classes).
 - synthia-cityscapes: synthia -> cityscapes:val; the row adds the 16- and 13-class means.
 
 Methods: any ``uda train`` method, plus ``oracle``: source-only trained on the target's own
-labelled train split (the upper bound every table quotes beside source-only).
+labelled train split (the upper bound every table quotes beside source-only). Self-training
+methods (cbst, crst) also get, per round, their pseudo-labels' density and precision against
+the target's ground truth (read for the table only; the run never sees it).
 
 Budgets: ``smoke`` (seconds, for tests), ``cpu`` (digit scenes on 2 CPU cores: the method's
 CPU recipe), ``paper`` (the method's own defaults, for a GPU). Throughput counts source +
@@ -56,12 +59,15 @@ class Pair:
 PAIRS = {
     "scenes": Pair("mnist-scenes", "mnistm-scenes", "mnistm-scenes:test", ("mnist", "mnistm")),
     "scenes-mini": Pair("mnist-scenes-mini", "mnistm-scenes-mini", "mnistm-scenes-mini:test"),
+    # the first 64 / 64 / 100 scenes of the minis: seconds, for the tests
+    "scenes-tiny": Pair("mnist-scenes-mini:train[:64]", "mnistm-scenes-mini:train[:64]", "mnistm-scenes-mini:test[:100]"),
     "gta5-cityscapes": Pair("gta5", "cityscapes", "cityscapes:val"),
     "synthia-cityscapes": Pair("synthia", "cityscapes", "cityscapes:val"),
 }
-# Budgets: (steps or None for the method's default, batch size or None, extra train options).
+# Budgets: (steps or None for the method's default, batch size or None, hyperparameters of the
+# methods whose length is derived from rounds: self-training, whose --steps is refused).
 BUDGETS = {
-    "smoke": (20, 4, {}),
+    "smoke": (20, 4, {"warmup_steps": 10, "rounds": 2, "round_steps": 5}),
     "cpu": (None, None, {}),
     "paper": (None, None, {}),
 }
@@ -78,13 +84,19 @@ def prepare_data_root(shared: Path, root: Path, pairs: list[str]) -> None:
 
 
 def run_one(method: str, pair_key: str, seed: int, device: str, data_root: Path, out: Path, steps: int | None,
-            batch_size: int | None, params: dict, workers: int | None, precision: str = "auto") -> dict:
+            batch_size: int | None, params: dict, workers: int | None, precision: str = "auto",
+            rounds_params: dict | None = None) -> dict:
     from uda_cli.config import EvaluateOptions, TrainOptions
     from uda_cli.engine.evaluate import evaluate_checkpoint
     from uda_cli.engine.trainer import train
 
+    from uda_cli.methods.registry import get_method
+
     pair = PAIRS[pair_key]
     src, train_method = (pair.tgt, "source-only") if method == "oracle" else (pair.src, method)
+    cls = get_method(train_method)
+    if "warmup_steps" in cls.Config.model_fields:  # a self-training method: its length comes from rounds
+        steps, params = None, {**(rounds_params or {}), **params}
     t0 = time.perf_counter()
     opts = TrainOptions(method=train_method, src=src, tgt=pair.tgt, steps=steps, batch_size=batch_size, seed=seed,
                         out=out, device=device, data_root=data_root, eval_every=0, save_every=10_000_000,
@@ -95,6 +107,7 @@ def run_one(method: str, pair_key: str, seed: int, device: str, data_root: Path,
     report, _ = evaluate_checkpoint(EvaluateOptions(target=out, domain=pair.eval, device=device, data_root=data_root,
                                                     workers=workers))
     config = json.loads((out / "config.json").read_text())
+    rounds = pseudo_label_quality(out, pair.tgt, data_root)
     return {
         "method": method, "pair": pair_key, "seed": seed, "steps": result.step,
         "batch_size": config["options"]["batch_size"], "model": config["config"].get("model"),
@@ -102,7 +115,57 @@ def run_one(method: str, pair_key: str, seed: int, device: str, data_root: Path,
         **{k: v for k, v in report.items() if k.startswith("miou_")},
         "per_class_iou": report["per_class_iou"], "pixel_accuracy": report["pixel_accuracy"],
         "wall_s": time.perf_counter() - t0, "img_s": result.images_seen / max(result.train_seconds, 1e-9),
+        **({"rounds": rounds} if rounds else {}),
     }
+
+
+def pseudo_label_quality(run: Path, tgt: str, data_root: Path) -> list[dict]:
+    """Per round of a self-training run: the share of target pixels its pseudo-labels cover
+    (density) and the share of those that match the target's ground truth (precision), over
+    the pixels the ground truth labels. The ground truth is read here, for the table only:
+    the run never saw it (digit scenes and Cityscapes train have labels; a run does not read them)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from uda_cli.data.registry import get_domain, load_dense, parse_domain
+
+    folders = sorted((run / "rounds").glob("[0-9][0-9]")) if (run / "rounds").is_dir() else []
+    if not folders:
+        return []
+    name, split = parse_domain(tgt)
+    source = load_dense(name, split or "train", data_root)
+    out = []
+    k = len(get_domain(name).classes)
+    for folder in folders:
+        labelled = correct = scored = total = 0
+        per_scored = torch.zeros(k, dtype=torch.int64)
+        per_correct = torch.zeros(k, dtype=torch.int64)
+        for i in range(len(source)):
+            path = folder / "labels" / f"{source.stem(i)}.png"
+            if not path.exists():
+                continue
+            pseudo = torch.from_numpy(np.array(Image.open(path))).long()
+            _, gt = source.read(i)
+            if tuple(gt.shape) != tuple(pseudo.shape):
+                gt = torch.nn.functional.interpolate(gt[None, None].float(), size=tuple(pseudo.shape),
+                                                     mode="nearest")[0, 0]
+            gt = gt.long()
+            has = pseudo != 255
+            valid = has & (gt != 255)
+            labelled += int(has.sum())
+            total += pseudo.numel()
+            scored += int(valid.sum())
+            right = pseudo[valid] == gt[valid]
+            correct += int(right.sum())
+            per_scored += torch.bincount(pseudo[valid], minlength=k)[:k]
+            per_correct += torch.bincount(pseudo[valid][right], minlength=k)[:k]
+        present = per_scored > 0
+        class_precision = float((per_correct[present].double() / per_scored[present]).mean()) if present.any() else 0.0
+        out.append({"round": int(folder.name), "density": labelled / max(total, 1),
+                    "precision": correct / max(scored, 1), "class_precision": class_precision,
+                    "classes_labelled": int(present.sum())})
+    return out
 
 
 def _mean_std(values: list[float]) -> str:
@@ -125,6 +188,19 @@ def fmt_table(rows: list[dict], budget: str, device: str, per_class: bool = Fals
         lines.append(f"| {method} | {pair} | {steps} | {batch} | {ptxt} | {','.join(str(r['seed']) for r in rs)} | "
                      f"{_mean_std([100 * r['miou'] for r in rs])} | {other} | "
                      f"{statistics.mean(r['wall_s'] for r in rs):.0f} | {statistics.mean(r['img_s'] for r in rs):.1f} |")
+    with_rounds = [(k, rs) for k, rs in groups.items() if any(r.get("rounds") for r in rs)]
+    if with_rounds:
+        lines += ["", "pseudo-labels per round: density (share of target pixels labelled) / precision (share of "
+                      "those right) / mean precision over the classes labelled, % mean over seeds", ""]
+        for (method, pair, *_), rs in with_rounds:
+            n = max(len(r.get("rounds", [])) for r in rs)
+            cells = []
+            for j in range(n):
+                got = [r["rounds"][j] for r in rs if len(r.get("rounds", [])) > j]
+                cells.append(f"{statistics.mean(100 * g['density'] for g in got):.1f} / "
+                             f"{statistics.mean(100 * g['precision'] for g in got):.1f} / "
+                             f"{statistics.mean(100 * g.get('class_precision', 0) for g in got):.1f}")
+            lines.append(f"- {method} on {pair}: " + "; ".join(f"round {j}: {c}" for j, c in enumerate(cells)))
     if per_class:
         for (method, pair, *_), rs in groups.items():
             classes = list(rs[0]["per_class_iou"])
@@ -169,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown pair {bad[0]!r}; pairs: {', '.join(PAIRS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     params = parse_set(args.sets)
-    steps, batch, _extra = BUDGETS[args.budget]
+    steps, batch, rounds_params = BUDGETS[args.budget]
     steps, batch = args.steps or steps, args.batch_size or batch
     prepare_data_root(args.shared, args.data_root, pairs)
     device = _digits_module().device_name(args.device)
@@ -181,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                 name = f"{method}_{pair}_{args.budget}" + (f"_steps{steps}" if args.steps else "") + \
                        "".join(f"_{k}-{v}" for k, v in sorted(params.items())) + f"_s{seed}"
                 row = run_one(method, pair, seed, args.device, args.data_root, out_root / name, steps, batch, params,
-                              args.workers, args.precision)
+                              args.workers, args.precision, rounds_params)
                 row["device"] = device
                 rows.append(row)
                 print(f"{name}: mIoU {100 * row['miou']:.2f} ({row['wall_s']:.0f} s)", file=sys.stderr, flush=True)
