@@ -56,14 +56,18 @@ def sample_seed(seed: int, stream: str, draw: int) -> int:
 
 
 def resize_pair(image: torch.Tensor, label: torch.Tensor | None, size: tuple[int, int]):
-    """Image bilinear (antialiased, uint8 in and out), label nearest, to ``size`` (H, W)."""
+    """Image bilinear (antialiased, uint8 in and out), label nearest, to ``size`` (H, W).
+
+    A label is ``[H, W]``, or ``[C, H, W]`` for several per-pixel maps that move together
+    (a round's pseudo-label with its top-2 classes and probabilities)."""
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
 
     if tuple(image.shape[-2:]) != tuple(size):
         image = TF.resize_image(image, list(size), interpolation=InterpolationMode.BILINEAR, antialias=True)
     if label is not None and tuple(label.shape[-2:]) != tuple(size):
-        label = TF.resize_mask(label[None], list(size))[0]
+        label = TF.resize_mask(label if label.dim() == 3 else label[None], list(size))
+        label = label if label.dim() == 3 and label.shape[0] > 1 else label.reshape(label.shape[-2:])
     return image, label
 
 
@@ -113,13 +117,14 @@ class DenseDataset(torch.utils.data.Dataset):
                 ph, pw = max(ch - h, 0), max(cw - w, 0)
                 image = TF.pad(image, [0, 0, pw, ph], fill=0)
                 if label is not None:
-                    label = TF.pad(label[None], [0, 0, pw, ph], fill=IGNORE)[0]
+                    padded = TF.pad(label if label.dim() == 3 else label[None], [0, 0, pw, ph], fill=IGNORE)
+                    label = padded if label.dim() == 3 else padded[0]
                 h, w = image.shape[-2:]
             top = int(torch.randint(0, h - ch + 1, (), generator=gen))
             left = int(torch.randint(0, w - cw + 1, (), generator=gen))
             image = image[:, top : top + ch, left : left + cw]
             if label is not None:
-                label = label[top : top + ch, left : left + cw]
+                label = label[..., top : top + ch, left : left + cw]
         if aug.flip and bool(torch.rand((), generator=gen) < 0.5):
             image = image.flip(-1)
             if label is not None:
@@ -230,18 +235,28 @@ class DenseBatches:
             "tgt": DenseStream(tgt, batch_size, seed * 2 + 2, device, world_size, rank, num_workers),
         }
 
-    def set_target(self, dataset: DenseDataset, seed: int) -> None:
+    def set_target(self, dataset: DenseDataset, seed: int, name: str = "tgt") -> None:
         """Draw target batches from ``dataset`` from now on (a self-training round's images and
-        pseudo-labels: ``y_t`` in each batch), in an order seeded by ``seed``."""
-        self.streams["tgt"].close()
-        self.streams["tgt"] = DenseStream(dataset, seed=seed, **self._stream_args)
+        pseudo-labels: ``y_t`` in each batch), in an order seeded by ``seed``. Another ``name``
+        adds a second target stream (TPLD's hard images: ``x_<name>``, ``idx_<name>``)."""
+        if name in self.streams:
+            self.streams[name].close()
+        self.streams[name] = DenseStream(dataset, seed=seed, **self._stream_args)
 
     def next(self) -> dict[str, torch.Tensor]:
         x_s, y_s, _ = self.streams["src"].next()
         x_t, y_t, i_t = self.streams["tgt"].next()
         batch = {"x_s": normalize(x_s), "y_s": y_s.long(), "x_t": normalize(x_t), "idx_t": i_t}
-        if y_t is not None:  # a round's pseudo-labels
-            batch["y_t"] = y_t.long()
+        if y_t is not None:  # a round's pseudo-labels, with their top-2 maps when it stores them
+            if y_t.dim() == 4:
+                batch["y_t"], batch["top2_t"] = y_t[:, 0].long(), y_t[:, 1:3].long()
+                batch["top2p_t"] = y_t[:, 3:5].float() / 255
+            else:
+                batch["y_t"] = y_t.long()
+        for name, stream in self.streams.items():
+            if name not in ("src", "tgt"):
+                x, _, i = stream.next()
+                batch[f"x_{name}"], batch[f"idx_{name}"] = normalize(x), i
         return batch
 
     def close(self) -> None:
@@ -251,6 +266,9 @@ class DenseBatches:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"{k}.{n}": v for k, s in self.streams.items() for n, v in s.state_dict().items()}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor], only: tuple[str, ...] | None = None) -> None:
+        """Restore the streams' positions; ``only``: just those streams (at a round boundary the
+        target streams are about to be replaced, and the saved ones may cover another set)."""
         for k, s in self.streams.items():
-            s.load_state_dict({n: state[f"{k}.{n}"] for n in ("perm", "pos", "gen", "batches")})
+            if only is None or k in only:
+                s.load_state_dict({n: state[f"{k}.{n}"] for n in ("perm", "pos", "gen", "batches")})

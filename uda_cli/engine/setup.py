@@ -321,13 +321,15 @@ def _dense_data(opts, spec, src_spec, src_split, tgt_spec, tgt_split, tgt_eval_s
 
     rounds = {"n": 0}
 
-    def set_target(source) -> None:
+    def set_target(source, name: str = "tgt") -> None:
         # Each call is a new round's target: its own order and augmentation stream, seeded by
-        # (seed, round), so a resumed round rebuilds the same stream before its state loads.
+        # (seed, round, name), so a resumed round rebuilds the same stream before its state loads.
         rounds["n"] += 1
-        stream = f"tgt-round{source.files.index}" if hasattr(source, "files") else f"tgt-{rounds['n']}"
+        index = getattr(getattr(source, "files", None), "index", None)
+        stream = f"{name}-round{index}" if index is not None else f"{name}-{rounds['n']}"
         seed = sample_seed(opts.seed, stream, 0) % (1 << 31)
-        batches.set_target(DenseDataset(source, sizes["tgt"], augment, seed=opts.seed, stream=stream), seed)
+        batches.set_target(DenseDataset(source, sizes["tgt"], augment, seed=opts.seed, stream=stream,
+                                        labels=source.labelled), seed, name)
 
     return Data(batches, tgt, evaluate, {k: list(v) for k, v in sizes.items() if v is not None}, workers,
                 set_target)

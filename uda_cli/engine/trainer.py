@@ -264,7 +264,12 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
         if past and start not in rounds:  # resumed mid-round: reload what the round prepared
             method.prepare_round(round_context(rounds.index(past[-1]), start, True))
         if resume_from:
-            batches.load_state_dict(resume_batches)
+            if start in rounds and hasattr(batches, "set_target"):
+                # A round starts at this very step and replaces the target streams: restore the
+                # source's position only (the saved target streams may cover another image set).
+                batches.load_state_dict(resume_batches, only=("src",))
+            else:
+                batches.load_state_dict(resume_batches)
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}  # steps that reported each loss (phases report different ones)
         n_acc, t_last = 0, time.perf_counter()
