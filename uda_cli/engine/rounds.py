@@ -221,7 +221,8 @@ def select_pass(source: DenseSource, files: RoundFiles, num_classes: int, dist,
     """Write every image's pseudo-label ``select(stem, classes, probs) -> uint8 [H, W]`` (a
     label already written is kept), then ``thresholds.json`` (``info``) and ``stats.json``:
     the share of pixels labelled overall and per class, plus whatever ``image_stats(stem,
-    classes, probs, labels)`` returns per image (TPLD's scores), gathered on rank 0."""
+    classes, probs, labels)`` returns per image (TPLD's scores), gathered on rank 0. The caller
+    marks the round complete (``files.mark_complete()``) once it has added what it writes."""
     n = len(source)
     share = list(range(n))[dist.shard(n)] if dist is not None and dist.world_size > 1 else list(range(n))
     counts = torch.zeros(num_classes + 1, dtype=torch.int64)  # per class, then ignored
@@ -254,21 +255,30 @@ def select_pass(source: DenseSource, files: RoundFiles, num_classes: int, dist,
     if dist is None or dist.is_main:
         ckpt.atomic_write_bytes(files.thresholds, (json.dumps(info, indent=1) + "\n").encode())
         ckpt.atomic_write_bytes(files.stats, (json.dumps(stats, indent=1) + "\n").encode())
-        files.mark_complete()
     if dist is not None:
         dist.barrier()
     return stats
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    ckpt.atomic_write_bytes(path, (json.dumps(data, indent=1) + "\n").encode())
 
 
 class PseudoLabelSource(DenseSource):
     """The target's images with a round's pseudo-labels: what a self-training round trains on.
 
     ``indices`` restricts it to some images (TPLD's easy ones); labels are read from
-    ``files.label(stem)`` at the size the round wrote."""
+    ``files.label(stem)`` at the size the round wrote. With ``top2`` a sample's label is
+    ``[5, H, W]`` uint8: the pseudo-label, the pass's two most probable classes and their
+    probabilities x 255 (TPLD's soft targets), which move together through augmentation.
+    Only a source of this class gives a training stream labels (``pseudo_labels``): the
+    target's own labels never reach training."""
+
+    pseudo_labels = True
 
     def __init__(self, base: DenseSource, files: RoundFiles, indices: Sequence[int] | None = None,
-                 size: tuple[int, int] | None = None):
-        self.base, self.files, self.size = base, files, size
+                 size: tuple[int, int] | None = None, top2: bool = False):
+        self.base, self.files, self.size, self.top2 = base, files, size, top2
         self.indices = list(range(len(base))) if indices is None else list(indices)
         self.name, self.labelled = f"{base.name} (round {files.index} pseudo-labels)", True
 
@@ -279,6 +289,11 @@ class PseudoLabelSource(DenseSource):
         return self.base.stem(self.indices[i])
 
     def read(self, i: int):
+        stem = self.base.stem(self.indices[i])
         image, _ = self.base.read(self.indices[i])
-        label = read_label(self.files.label(self.base.stem(self.indices[i])), self.size)
-        return image, torch.from_numpy(label)
+        label = read_label(self.files.label(stem), self.size)
+        if not self.top2:
+            return image, torch.from_numpy(label)
+        classes, probs = read_pred(self.files.pred(stem))
+        p = np.clip(np.rint(probs[:2].astype(np.float32) * 255), 0, 255).astype(np.uint8)
+        return image, torch.from_numpy(np.concatenate([label[None], classes[:2], p]))

@@ -328,8 +328,9 @@ def _dense_data(opts, spec, src_spec, src_split, tgt_spec, tgt_split, tgt_eval_s
         index = getattr(getattr(source, "files", None), "index", None)
         stream = f"{name}-round{index}" if index is not None else f"{name}-{rounds['n']}"
         seed = sample_seed(opts.seed, stream, 0) % (1 << 31)
+        # Labels only from a round's pseudo-label source: the target's own never reach training.
         batches.set_target(DenseDataset(source, sizes["tgt"], augment, seed=opts.seed, stream=stream,
-                                        labels=source.labelled), seed, name)
+                                        labels=getattr(source, "pseudo_labels", False)), seed, name)
 
     return Data(batches, tgt, evaluate, {k: list(v) for k, v in sizes.items() if v is not None}, workers,
                 set_target)

@@ -103,7 +103,7 @@ class CBST(Method):
     def portion(self, index: int) -> float:
         return st.portion(index, self.cfg.portion_start, self.cfg.portion_step, self.cfg.portion_max)
 
-    def select(self, classes: np.ndarray, probs: np.ndarray, lam: torch.Tensor) -> np.ndarray:
+    def select(self, classes: np.ndarray, probs: np.ndarray, lam: torch.Tensor, round_index: int = 0) -> np.ndarray:
         """A pixel's pseudo-label from its stored top-k classes and probabilities."""
         labels, _ = st.select_labels_top2(torch.from_numpy(classes.astype(np.int64))[None],
                                           torch.from_numpy(probs.astype(np.float32))[None], lam.cpu())
@@ -129,12 +129,31 @@ class CBST(Method):
                                   batch_size=max(1, (1 << 20) // (ctx.size[0] * ctx.size[1])), device=ctx.device)
             portion = self.portion(ctx.round_index)
             lam = st.thresholds(hist, portion).cpu()
-            stats = R.select_pass(ctx.target, files, k, ctx.dist, lambda stem, c, p: self.select(c, p, lam),
+            stats = R.select_pass(ctx.target, files, k, ctx.dist,
+                                  lambda stem, c, p: self.select(c, p, lam, ctx.round_index),
                                   info={"round": ctx.round_index, "portion": portion,
-                                        "lambda": dict(zip(self.spec.classes, lam.tolist()))})
+                                        "lambda": dict(zip(self.spec.classes, lam.tolist()))},
+                                  image_stats=self.image_stats(lam, ctx.round_index))
+            self.after_select(ctx, files, stats)
+            if ctx.dist is None or ctx.dist.is_main:
+                files.mark_complete()
+            if ctx.dist is not None:
+                ctx.dist.barrier()
             ctx.info(f"round {ctx.round_index}: portion {portion:.2f}, {100 * stats['labelled']:.1f}% of target "
                      f"pixels labelled")
         self.lam = self._read_lambda(files)
+        self.set_streams(ctx, files)
+
+    def image_stats(self, lam: torch.Tensor, round_index: int):
+        """Per image, what ``stats.json`` keeps beside the label counts (None: nothing)."""
+        return None
+
+    def after_select(self, ctx: RoundContext, files, stats: dict[str, Any]) -> None:
+        """What a round adds to its files once every pseudo-label is written (TPLD: the split)."""
+
+    def set_streams(self, ctx: RoundContext, files) -> None:
+        from uda_cli.engine import rounds as R
+
         ctx.set_target(R.PseudoLabelSource(ctx.target, files, size=ctx.size))
 
     def _read_lambda(self, files) -> torch.Tensor:
