@@ -179,3 +179,47 @@ def test_crst_adds_mrkld_to_the_target_term(street, tmp_path, capsys):
     assert float(st.mrkld(up, keep)) == pytest.approx(float(reg), rel=1e-6)
     code, _, err = cli(argv(street, tmp_path / "l", "--set", "regularizer=lrent", method="crst"), capsys)
     assert code == 2 and "lrent" in err and "not built yet" in err, err
+
+
+TPLD = ["--set", "warmup_steps=2", "--set", "phase1_rounds=1", "--set", "phase2_rounds=1", "--set", "round_steps=3",
+        "--set", "easy_fraction=0.34"]
+
+
+def test_tpld_runs_both_phases_and_resumes_inside_phase_2(street, tmp_path, capsys):
+    """2 warm-up steps, a phase-1 round (steps 2-4), a phase-2 round (5-7): round files with the
+    voting counts and the easy/hard lists, and a run SIGKILLed inside phase 2 (checkpoint at
+    step 6) resumes to the straight run's weights, F and D."""
+    straight = tmp_path / "straight"
+    code, out, err = cli(argv(street, straight, *TPLD, "--log-format", "text", method="tpld"), capsys)
+    assert code == 0, err
+    s0 = json.loads((straight / "rounds" / "00" / "stats.json").read_text())
+    s1 = json.loads((straight / "rounds" / "01" / "stats.json").read_text())
+    assert s0["phase"] == 1 and "easy" not in s0
+    assert s0["labelled_after_voting"] >= s0["labelled_before_voting"]
+    assert s1["phase"] == 2 and len(s1["easy"]) == 1 and len(s1["hard"]) == 2
+    assert set(s1["easy"] + s1["hard"]) == set(s1["per_image"])
+    assert "easy / 2 hard images" in err
+    w = weights(straight)
+    assert any(k.startswith("D.") for k in w)
+
+    run = tmp_path / "killed"
+    kill_at_6 = KILL_AT_STEP_5.replace("step == 5", "step == 7")
+    r = subprocess.run([sys.executable, "-c", kill_at_6, *argv(street, run, *TPLD, "--save-every", "6",
+                                                             method="tpld")],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+                       timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert ckpt.resolve_checkpoint(run).name == "step-00000006.safetensors"  # inside phase 2 (steps 5-7)
+    code, out, err = cli(argv(street, run, *TPLD, "--save-every", "6", "--resume", "auto", method="tpld"), capsys)
+    assert code == 0, err
+    assert same(weights(run), w)
+
+
+def test_tpld_refusals(street, tmp_path, capsys):
+    code, _, err = cli(argv(street, tmp_path / "a", *TPLD, "--set", "rounds=5", method="tpld"), capsys)
+    assert code == 2 and "set phase1_rounds and phase2_rounds instead" in err, err
+    code, _, err = cli(argv(street, tmp_path / "b", *TPLD, "--set", "vote_window=4", method="tpld"), capsys)
+    assert code == 2 and "vote_window must be odd" in err, err
+    code, _, err = cli(["train", "--method", "tpld", "--src", "mnist2000", "--tgt", "usps1800", "--out",
+                        str(tmp_path / "c")], capsys)
+    assert code == 2 and "tpld" in err and "segmentation" in err, err
