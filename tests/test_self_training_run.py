@@ -181,8 +181,10 @@ def test_crst_adds_mrkld_to_the_target_term(street, tmp_path, capsys):
     assert code == 2 and "lrent" in err and "not built yet" in err, err
 
 
+# --flip: a round's streams draw their flips from (seed, stream name, draw), so a resumed round
+# must rebuild its easy and hard streams under the names the straight run gave them.
 TPLD = ["--set", "warmup_steps=2", "--set", "phase1_rounds=1", "--set", "phase2_rounds=1", "--set", "round_steps=3",
-        "--set", "easy_fraction=0.34"]
+        "--set", "easy_fraction=0.34", "--flip"]
 
 
 def test_tpld_runs_both_phases_and_resumes_inside_phase_2(street, tmp_path, capsys):

@@ -41,10 +41,10 @@ import torch
 
 from uda_cli.data.dense import DenseSource
 from uda_cli.data.labels import IGNORE
-from uda_cli.data.streaming import resize_pair
 from uda_cli.data.transforms import normalize
 from uda_cli.engine import checkpoint as ckpt
 from uda_cli.engine.inference import predict_logits
+from uda_cli.engine.seg_eval import ResizedSamples, collate_samples
 from uda_cli.errors import DataError, UDAError
 
 COMPLETE = "complete"
@@ -81,32 +81,6 @@ class RoundFiles:
 
     def mark_complete(self) -> None:
         ckpt.atomic_write_bytes(self.folder / COMPLETE, b"")
-
-
-class _PassSamples(torch.utils.data.Dataset):
-    """Image ``indices[j]`` of ``source`` resized to ``size`` (no augmentation, no label)."""
-
-    def __init__(self, source: DenseSource, indices: Sequence[int], size: tuple[int, int]):
-        self.source, self.indices, self.size = source, list(indices), tuple(size)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, j: int):
-        i = self.indices[j]
-        try:
-            image, _ = self.source.read(i)
-        except UDAError as e:  # raised by the main process, without a worker's traceback
-            return e
-        image, _ = resize_pair(image, None, self.size)
-        return image, i
-
-
-def _collate(samples):
-    for s in samples:
-        if isinstance(s, UDAError):
-            return s
-    return torch.stack([s[0] for s in samples]), [s[1] for s in samples]
 
 
 def _npz_bytes(**arrays: np.ndarray) -> bytes:
@@ -151,15 +125,15 @@ def predict_pass(method, source: DenseSource, size: tuple[int, int], files: Roun
     was_training = method.nets.training
     method.eval()
     try:
-        loader = torch.utils.data.DataLoader(_PassSamples(source, todo, size), batch_size=batch_size,
-                                             num_workers=num_workers, collate_fn=_collate,
+        loader = torch.utils.data.DataLoader(ResizedSamples(source, todo, size, labels=False), batch_size=batch_size,
+                                             num_workers=num_workers, collate_fn=collate_samples,
                                              pin_memory=device.type == "cuda",
                                              generator=torch.Generator())  # never the run's RNG
         done = 0
         for got in loader:
             if isinstance(got, UDAError):
                 raise got
-            images, indices = got
+            indices, images, _ = got
             x = normalize(images.to(device, non_blocking=True))
             if scale != 1.0:
                 h, w = x.shape[-2:]

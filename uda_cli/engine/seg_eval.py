@@ -30,7 +30,6 @@ Departures, one line each:
 
 from __future__ import annotations
 
-import contextlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Sequence
@@ -47,13 +46,14 @@ from uda_cli.errors import DataError, UDAError
 _MAX_PENDING_WRITES = 8  # PNGs being encoded/written in the background (each holds one prediction)
 
 
-class _EvalSamples(torch.utils.data.Dataset):
-    """Sample ``indices[j]`` of ``source``: its image resized to ``size`` and its native label.
+class ResizedSamples(torch.utils.data.Dataset):
+    """Sample ``indices[j]`` of ``source``: its image resized to ``size`` and its native label
+    (``labels=False``: None, for the pseudo-label pass over unlabelled images).
 
     Runs in DataLoader workers, so decoding and resizing overlap the network."""
 
-    def __init__(self, source: DenseSource, indices: Sequence[int], size: tuple[int, int]):
-        self.source, self.indices, self.size = source, list(indices), tuple(size)
+    def __init__(self, source: DenseSource, indices: Sequence[int], size: tuple[int, int], labels: bool = True):
+        self.source, self.indices, self.size, self.labels = source, list(indices), tuple(size), labels
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -64,7 +64,9 @@ class _EvalSamples(torch.utils.data.Dataset):
         i = self.indices[j]
         try:
             image, label = self.source.read(i)
-            if label is None:
+            if not self.labels:
+                label = None
+            elif label is None:
                 raise DataError(f"{self.source.name or 'the split'} has no label for sample {self.source.stem(i)}; "
                                 "evaluate on a labelled split")
         except UDAError as e:
@@ -74,7 +76,7 @@ class _EvalSamples(torch.utils.data.Dataset):
         return i, resize_uint8(image[None], self.size)[0], label
 
 
-def _collate(samples):
+def collate_samples(samples):
     """Images stacked (all at the run size); labels kept one per sample, at their native sizes.
     A sample that failed to read (a UDAError) is passed on instead, to be raised."""
     for s in samples:
@@ -203,8 +205,8 @@ def evaluate_segmentation(method, source: DenseSource, size: tuple[int, int],
     # A bad --save folder fails here, before any work, as one OutputError line.
     writer = _PredictionWriter(save_dir, method.spec.classes) if save_dir is not None else None
     loader = torch.utils.data.DataLoader(
-        _EvalSamples(source, indices, size), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        collate_fn=_collate, pin_memory=device.type == "cuda", drop_last=False,
+        ResizedSamples(source, indices, size), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        collate_fn=collate_samples, pin_memory=device.type == "cuda", drop_last=False,
         generator=torch.Generator())  # its own: an iterator draws a worker seed, never from the run's RNG
     from uda_cli.data.transforms import normalize
 

@@ -20,7 +20,6 @@ import torch
 from uda_cli.config import TrainOptions, method_config, parse_scale, parse_size
 from uda_cli.data.registry import DomainSpec, flat_name, get_domain, parse_domain, resolve_split
 from uda_cli.engine import checkpoint as ckpt
-from uda_cli.engine import distributed
 from uda_cli.errors import CheckpointError, ConfigError
 from uda_cli.methods.base import Method, MethodConfig, OptimSpec, RunSpec
 from uda_cli.methods.registry import get_method
@@ -231,7 +230,8 @@ class Data:
     evaluate: Callable[..., dict[str, Any]]
     sizes: dict[str, list[int]]
     workers: int = 0
-    set_target: Callable[[Any], None] | None = None  # a self-training round's target source (dense runs)
+    # set_target(source, name, round_index): a self-training round's target stream (dense runs)
+    set_target: Callable[[Any, str, int], None] | None = None
 
 
 def check_pair(src: DomainSpec, tgt: DomainSpec) -> None:
@@ -319,14 +319,10 @@ def _dense_data(opts, spec, src_spec, src_split, tgt_spec, tgt_split, tgt_eval_s
                                      batch_size=eval_batch_size(sizes["tgt"]),
                                      subsets=tuple(subsets.items()), device=device)
 
-    rounds = {"n": 0}
-
-    def set_target(source, name: str = "tgt") -> None:
-        # Each call is a new round's target: its own order and augmentation stream, seeded by
-        # (seed, round, name), so a resumed round rebuilds the same stream before its state loads.
-        rounds["n"] += 1
-        index = getattr(getattr(source, "files", None), "index", None)
-        stream = f"{name}-round{index}" if index is not None else f"{name}-{rounds['n']}"
+    def set_target(source, name: str, round_index: int) -> None:
+        # A round's target stream: its own order and augmentation, seeded by (seed, name, round)
+        # alone, so a resumed round rebuilds the very stream its saved state belongs to.
+        stream = f"{name}-round{round_index}"
         seed = sample_seed(opts.seed, stream, 0) % (1 << 31)
         # Labels only from a round's pseudo-label source: the target's own never reach training.
         batches.set_target(DenseDataset(source, sizes["tgt"], augment, seed=opts.seed, stream=stream,

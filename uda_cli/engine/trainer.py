@@ -258,7 +258,9 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
         def round_context(index: int, at: int, resumed: bool) -> RoundContext:
             return RoundContext(run_dir, index, at, resumed, tgt, device, autocast, dist=dist,
                                 size=tuple(data.sizes["tgt"]), seed=opts.seed, num_workers=data.workers,
-                                set_target=data.set_target, info=logger.info)
+                                set_target=None if data.set_target is None else
+                                (lambda source, name="tgt": data.set_target(source, name, index)),
+                                info=logger.info)
 
         past = [r for r in rounds if r < start]
         if past and start not in rounds:  # resumed mid-round: reload what the round prepared

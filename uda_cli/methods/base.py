@@ -155,7 +155,7 @@ class RoundContext:
     size: tuple[int, int] | None = None  # (H, W) the target trains at
     seed: int = 0
     num_workers: int = 0
-    set_target: Callable[[Any], None] | None = None
+    set_target: Callable[..., None] | None = None  # (source, name="tgt"), bound to this round
     info: Callable[[str], None] = print  # one log line
 
 

@@ -111,6 +111,7 @@ class CBST(Method):
 
     def prepare_round(self, ctx: RoundContext) -> None:
         from uda_cli.engine import rounds as R
+        from uda_cli.engine.setup import eval_batch_size
 
         files = R.RoundFiles(ctx.run_dir, ctx.round_index)
         if ctx.set_target is None:
@@ -126,7 +127,7 @@ class CBST(Method):
             hist = R.predict_pass(self, ctx.target, ctx.size, files, ctx.autocast, ctx.dist, topk=self.topk,
                                   accumulate=lambda pmax, pred: st.class_histograms(pmax, pred, k),
                                   flip=self.cfg.pass_flip, scale=self.cfg.pass_scale, num_workers=ctx.num_workers,
-                                  batch_size=max(1, (1 << 20) // (ctx.size[0] * ctx.size[1])), device=ctx.device)
+                                  batch_size=eval_batch_size(ctx.size), device=ctx.device)
             portion = self.portion(ctx.round_index)
             lam = st.thresholds(hist, portion).cpu()
             stats = R.select_pass(ctx.target, files, k, ctx.dist,
