@@ -85,7 +85,7 @@ def prepare_data_root(shared: Path, root: Path, pairs: list[str]) -> None:
 
 def run_one(method: str, pair_key: str, seed: int, device: str, data_root: Path, out: Path, steps: int | None,
             batch_size: int | None, params: dict, workers: int | None, precision: str = "auto",
-            rounds_params: dict | None = None) -> dict:
+            rounds_params: dict | None = None, init: Path | None = None) -> dict:
     from uda_cli.config import EvaluateOptions, TrainOptions
     from uda_cli.engine.evaluate import evaluate_checkpoint
     from uda_cli.engine.trainer import train
@@ -95,12 +95,16 @@ def run_one(method: str, pair_key: str, seed: int, device: str, data_root: Path,
     pair = PAIRS[pair_key]
     src, train_method = (pair.tgt, "source-only") if method == "oracle" else (pair.src, method)
     cls = get_method(train_method)
-    if "warmup_steps" in cls.Config.model_fields:  # a self-training method: its length comes from rounds
+    self_training = "warmup_steps" in cls.Config.model_fields
+    if self_training:  # its length comes from rounds
         steps, params = None, {**(rounds_params or {}), **params}
+        if init is not None:  # the warm-up is the source-only run given
+            params = {**params, "warmup_steps": 0}
     t0 = time.perf_counter()
     opts = TrainOptions(method=train_method, src=src, tgt=pair.tgt, steps=steps, batch_size=batch_size, seed=seed,
                         out=out, device=device, data_root=data_root, eval_every=0, save_every=10_000_000,
-                        log_every=100, params=params, precision=precision, workers=workers)
+                        log_every=100, params=params, precision=precision, workers=workers,
+                        init=init if self_training else None)
     result = train(opts, interactive=False)
     if result.interrupted_by is not None:
         raise SystemExit(128 + int(result.interrupted_by))
@@ -230,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="also write the raw rows here (rewritten after every run)")
     ap.add_argument("--from-json", type=Path, nargs="+", help="print one table from rows saved by earlier --json runs")
     ap.add_argument("--per-class", action="store_true", help="also print per-class IoU tables")
+    ap.add_argument("--init-from-source-only", action="store_true",
+                    help="self-training rows start from the same seed's source-only run under --out (trained first "
+                         "when missing) instead of their own warm-up: CRST's and TPLD's protocol, and one warm-up "
+                         "for all methods of a seed")
     args = ap.parse_args(argv)
 
     if args.from_json:
@@ -255,9 +263,18 @@ def main(argv: list[str] | None = None) -> int:
         for method in methods:
             for seed in seeds:
                 name = f"{method}_{pair}_{args.budget}" + (f"_steps{steps}" if args.steps else "") + \
-                       "".join(f"_{k}-{v}" for k, v in sorted(params.items())) + f"_s{seed}"
+                       "".join(f"_{k}-{v}" for k, v in sorted(params.items())) + \
+                       ("_init" if args.init_from_source_only else "") + f"_s{seed}"
+                init = None
+                if args.init_from_source_only and method not in ("source-only", "oracle"):
+                    init = out_root / f"source-only_{pair}_{args.budget}_s{seed}"
+                    if not (init / "checkpoints" / "latest").exists():
+                        run_one("source-only", pair, seed, args.device, args.data_root, init, None, batch, {},
+                                args.workers, args.precision)
                 row = run_one(method, pair, seed, args.device, args.data_root, out_root / name, steps, batch, params,
-                              args.workers, args.precision, rounds_params)
+                              args.workers, args.precision, rounds_params, init)
+                if init is not None:
+                    row["init"] = str(init)
                 row["device"] = device
                 rows.append(row)
                 print(f"{name}: mIoU {100 * row['miou']:.2f} ({row['wall_s']:.0f} s)", file=sys.stderr, flush=True)

@@ -177,8 +177,42 @@ def test_crst_adds_mrkld_to_the_target_term(street, tmp_path, capsys):
     reg = (-F.log_softmax(up, 1).mean(1))[keep].mean()
     assert float(method.target_loss(logits, {"y_t": labels})) == pytest.approx(float(ce + 0.1 * reg), rel=1e-5)
     assert float(st.mrkld(up, keep)) == pytest.approx(float(reg), rel=1e-6)
-    code, _, err = cli(argv(street, tmp_path / "l", "--set", "regularizer=lrent", method="crst"), capsys)
-    assert code == 2 and "lrent" in err and "not built yet" in err, err
+
+def test_crst_lrent_trains_on_soft_labels_from_the_top3(street, tmp_path, capsys):
+    """regularizer=lrent: the pass keeps 3 classes per pixel, labels/ holds CRST's kept pixels,
+    and the target term is the soft CE against normalise((p/lambda)^4) on those pixels (checked
+    by hand on one batch); tpld refuses lrent in one line."""
+    import torch.nn.functional as F
+
+    from uda_cli.engine import rounds as R
+    from uda_cli.methods.crst import CRST
+
+    run = tmp_path / "lrent"
+    code, out, err = cli(argv(street, run, "--set", "warmup_steps=1", "--set", "rounds=1", "--set", "round_steps=2",
+                              "--set", "regularizer=lrent", method="crst"), capsys)
+    assert code == 0 and (run / "rounds" / "00" / "complete").exists(), err
+    assert json.loads((run / "config.json").read_text())["config"]["reg_weight"] == 0.25
+    files = R.RoundFiles(run, 0)
+    stem = sorted(p.stem for p in (run / "rounds" / "00" / "pred").glob("*.npz"))[0]
+    classes, probs = R.read_pred(files.pred(stem))
+    assert classes.shape[0] == 3 and probs.shape[0] == 3
+    method = CRST.__new__(CRST)
+    method.cfg, method.spec = CRST.Config(regularizer="lrent"), type("S", (), {"num_classes": 19})()
+    method.lam = torch.tensor([0.9] * 10 + [0.5] * 9)
+    torch.manual_seed(0)
+    logits = torch.randn(1, 19, 6, 12)
+    prob = torch.randn(1, 19, 12, 24).mul(3).softmax(1)
+    top_p, top_c = prob.topk(3, 1)
+    labels = torch.full((1, 12, 24), 255)
+    labels[0, :6] = top_c[0, 0, :6]  # the upper half kept
+    batch = {"y_t": labels, "topk_t": top_c, "topkp_t": top_p}
+    w = (top_p / method.lam[top_c]) ** 4
+    q = torch.zeros(1, 19, 12, 24).scatter_(1, top_c, w / w.sum(1, keepdim=True))
+    up = F.interpolate(logits, size=(12, 24), mode="bilinear", align_corners=True)
+    want = (-(q * F.log_softmax(up, 1)).sum(1))[0, :6].mean()
+    assert float(method.target_loss(logits, batch)) == pytest.approx(float(want), rel=1e-4)
+    code, _, err = cli(argv(street, tmp_path / "t", "--set", "regularizer=lrent", method="tpld"), capsys)
+    assert code == 2 and "lrent" in err and "crst" in err and "Traceback" not in err, err
 
 
 # --flip: a round's streams draw their flips from (seed, stream name, draw), so a resumed round

@@ -247,10 +247,11 @@ class DenseBatches:
         x_s, y_s, _ = self.streams["src"].next()
         x_t, y_t, i_t = self.streams["tgt"].next()
         batch = {"x_s": normalize(x_s), "y_s": y_s.long(), "x_t": normalize(x_t), "idx_t": i_t}
-        if y_t is not None:  # a round's pseudo-labels, with their top-2 maps when it stores them
+        if y_t is not None:  # a round's pseudo-labels, with their top-k maps when it stores them
             if y_t.dim() == 4:
-                batch["y_t"], batch["top2_t"] = y_t[:, 0].long(), y_t[:, 1:3].long()
-                batch["top2p_t"] = y_t[:, 3:5].float() / 255
+                k = (y_t.shape[1] - 1) // 2
+                batch["y_t"], batch["topk_t"] = y_t[:, 0].long(), y_t[:, 1 : 1 + k].long()
+                batch["topkp_t"] = y_t[:, 1 + k :].float() / 255
             else:
                 batch["y_t"] = y_t.long()
         for name, stream in self.streams.items():

@@ -242,17 +242,18 @@ class PseudoLabelSource(DenseSource):
     """The target's images with a round's pseudo-labels: what a self-training round trains on.
 
     ``indices`` restricts it to some images (TPLD's easy ones); labels are read from
-    ``files.label(stem)`` at the size the round wrote. With ``top2`` a sample's label is
-    ``[5, H, W]`` uint8: the pseudo-label, the pass's two most probable classes and their
-    probabilities x 255 (TPLD's soft targets), which move together through augmentation.
+    ``files.label(stem)`` at the size the round wrote. With ``topk`` = k > 0 a sample's label
+    is ``[1 + 2k, H, W]`` uint8: the pseudo-label, the pass's k most probable classes and their
+    probabilities x 255 (the soft targets of TPLD's easy images and of CRST-LRENT), which move
+    together through augmentation.
     Only a source of this class gives a training stream labels (``pseudo_labels``): the
     target's own labels never reach training."""
 
     pseudo_labels = True
 
     def __init__(self, base: DenseSource, files: RoundFiles, indices: Sequence[int] | None = None,
-                 size: tuple[int, int] | None = None, top2: bool = False):
-        self.base, self.files, self.size, self.top2 = base, files, size, top2
+                 size: tuple[int, int] | None = None, topk: int = 0):
+        self.base, self.files, self.size, self.topk = base, files, size, topk
         self.indices = list(range(len(base))) if indices is None else list(indices)
         self.name, self.labelled = f"{base.name} (round {files.index} pseudo-labels)", True
 
@@ -266,8 +267,11 @@ class PseudoLabelSource(DenseSource):
         stem = self.base.stem(self.indices[i])
         image, _ = self.base.read(self.indices[i])
         label = read_label(self.files.label(stem), self.size)
-        if not self.top2:
+        if not self.topk:
             return image, torch.from_numpy(label)
         classes, probs = read_pred(self.files.pred(stem))
-        p = np.clip(np.rint(probs[:2].astype(np.float32) * 255), 0, 255).astype(np.uint8)
-        return image, torch.from_numpy(np.concatenate([label[None], classes[:2], p]))
+        if len(classes) < self.topk:
+            raise DataError(f"{self.files.pred(stem)} holds {len(classes)} classes per pixel, this round needs "
+                            f"{self.topk}; delete {self.files.folder} and resume to predict it again")
+        p = np.clip(np.rint(probs[: self.topk].astype(np.float32) * 255), 0, 255).astype(np.uint8)
+        return image, torch.from_numpy(np.concatenate([label[None], classes[: self.topk], p]))

@@ -187,7 +187,7 @@ def scatter_top2(top2_idx: Tensor, top2_prob: Tensor, num_classes: int) -> Tenso
 
 # ---- TPLD phase 1: sliding-window voting (TPLD Eq. 4) ----------------------------------------
 
-Pooling = Literal["sum", "mean"]
+Pooling = Literal["sum", "mean", "confident"]
 AlphaOn = Literal["own", "pooled"]
 
 
@@ -242,7 +242,10 @@ def vote_densify_top2(top2_idx: Tensor, top2_prob: Tensor, lam: Tensor, labels: 
     Assumption (UNVERIFIED, sum or mean): ``pooling="sum"``, the sum of the window's confident
     values (each >= 1), so a pixel passes with a handful of confident neighbours in one of its
     top-2 classes; "mean" divides that sum by the pixel's neighbours (the window's pixels
-    inside the image, less the centre), a majority-like vote that suits ``alpha_on="pooled"``.
+    inside the image, less the centre), a majority-like vote that suits ``alpha_on="pooled"``;
+    "confident" divides it by the number of neighbours labelled in that class (the mean of the
+    confident values alone, 0 where none): the pool is then about 1 and a pixel passes only
+    where its own p/lambda is near 1 already.
     Assumption (UNVERIFIED, window size): ``window=9`` (odd; 9 x 9 pixels at the resolution
     of the labels); the paper's value was not found.
     Assumption: the top two classes are by probability p (what the engine stores), not by
@@ -269,8 +272,8 @@ def _vote(top2_idx: Tensor, top2_prob: Tensor, lam: Tensor, labels: Tensor, valu
     confident value (0 where unlabelled)."""
     if window < 1 or window % 2 == 0:
         raise ValueError(f"window must be a positive odd number, got {window}")
-    if pooling not in ("sum", "mean"):
-        raise ValueError(f"pooling must be 'sum' or 'mean', got {pooling!r}")
+    if pooling not in ("sum", "mean", "confident"):
+        raise ValueError(f"pooling must be 'sum', 'mean' or 'confident', got {pooling!r}")
     if alpha_on not in ("own", "pooled"):
         raise ValueError(f"alpha_on must be 'own' or 'pooled', got {alpha_on!r}")
     labels = labels.clone().long()
@@ -296,6 +299,9 @@ def _vote(top2_idx: Tensor, top2_prob: Tensor, lam: Tensor, labels: Tensor, valu
             p_k = F.avg_pool2d(v_k, **pool_kw)  # [B, 1, H, W]
             if pooling == "mean":
                 p_k = p_k / neighbours
+            elif pooling == "confident":
+                n_k = F.avg_pool2d((labels == k).unsqueeze(1).to(value.dtype), **pool_kw)
+                p_k = p_k / n_k.clamp(min=1.0)
             pooled = torch.where(has_k, p_k, pooled)
         if alpha_on == "own":
             score = alpha * n + (1.0 - alpha) * pooled
@@ -480,7 +486,8 @@ def lrent_targets(prob: Tensor, lam: Tensor, alpha: float = 0.25) -> tuple[Tenso
         sel(x) = sum_k ( -q_k log lambda_k )
         keep(x) = reg(x) < sel(x)
 
-    ``prob`` [B, K, H, W], ``lam`` [K], ``alpha`` = ``--lr-weight-ent 0.25`` of ``lrent.sh``.
+    ``prob`` [B, K, H, W], ``lam`` [K] (or [B, K, H, W]: the lambdas of a top-k map's classes),
+    ``alpha`` = ``--lr-weight-ent 0.25`` of ``lrent.sh``.
     Returns ``(q, keep)``: float [B, K, H, W] soft labels (a distribution at every pixel) and
     bool [B, H, W]. The caller zeroes q where not kept (CRST's data loader turns ignored
     pixels into all-zero soft labels) and trains with :func:`soft_ce`. The hard label
@@ -491,7 +498,8 @@ def lrent_targets(prob: Tensor, lam: Tensor, alpha: float = 0.25) -> tuple[Tenso
     """
     if alpha <= 0:
         raise ValueError(f"alpha must be positive, got {alpha}")
-    lam = lam.to(prob).view(1, -1, 1, 1)
+    lam = lam.to(prob)
+    lam = lam.view(1, -1, 1, 1) if lam.dim() == 1 else lam  # or per pixel, as prob (a top-k map's lambdas)
     soft = ((prob.log() - lam.log()) / alpha).softmax(1)
     eps = 1e-32
     reg = (-soft * (prob + eps).log() + alpha * soft * (soft + eps).log()).sum(1)

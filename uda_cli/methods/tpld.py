@@ -62,7 +62,7 @@ class TPLDConfig(CRSTConfig):
     vote_window: int = Field(3, gt=0, description="voting window (odd), at the size the round writes")
     vote_alpha: float = Field(0.7, ge=0, le=1, description="voting: weight of the pixel's own p/lambda")
     vote_iterations: int = Field(3, ge=0)
-    vote_pooling: Literal["sum", "mean"] = "sum"
+    vote_pooling: Literal["sum", "mean", "confident"] = "sum"
     vote_alpha_on: Literal["own", "pooled"] = "own"
     easy_fraction: float = Field(0.3, gt=0, lt=1, description="q: the share of target images that are easy")
     gamma: float = Field(2.0, gt=0, description="easy images' soft labels (p/lambda)^gamma")
@@ -73,6 +73,9 @@ class TPLDConfig(CRSTConfig):
 
     @model_validator(mode="after")
     def _rounds(self):
+        if self.regularizer == "lrent":
+            raise ValueError("tpld trains on hard (voted) pseudo-labels with crst's mrkld (or none); lrent's soft "
+                             "labels are crst's: use --method crst --set regularizer=lrent")
         if self.vote_window % 2 == 0:
             raise ValueError(f"vote_window must be odd, not {self.vote_window}")
         total = self.phase1_rounds + self.phase2_rounds
@@ -183,7 +186,7 @@ class TPLD(CRST):
         if not easy or not hard:
             raise ConfigError(f"round {ctx.round_index}: {len(easy)} easy and {len(hard)} hard target images; phase 2 "
                               "needs both (more target images, or another easy_fraction)")
-        ctx.set_target(R.PseudoLabelSource(ctx.target, files, indices=easy, size=ctx.size, top2=True))
+        ctx.set_target(R.PseudoLabelSource(ctx.target, files, indices=easy, size=ctx.size, topk=2))
         ctx.set_target(SubsetSource(ctx.target, hard, f"{ctx.target.name} hard"), "hard")
 
     # ---- a step ----------------------------------------------------------------------------------
@@ -205,9 +208,9 @@ class TPLD(CRST):
         # Easy images: full pseudo-labels, bootstrapped, no source term.
         labels = batch["y_t"]
         logits_e = upsample_to(f(batch["x_t"]), labels).float()
-        top2 = batch["top2_t"]
+        top2 = batch["topk_t"]
         valid = top2 < k  # padding carries 255
-        prob = st.scatter_top2(top2.clamp(max=k - 1), batch["top2p_t"] * valid, k)
+        prob = st.scatter_top2(top2.clamp(max=k - 1), batch["topkp_t"] * valid, k)
         targets = st.full_pseudo_labels(prob, lam, labels, gamma=self.cfg.gamma)
         loss_easy = st.bootstrapped_soft_ce(logits_e, targets, lam, beta=self.cfg.beta)
         # Hard images: make their entropy maps look easy to D (whose gradients are not applied here).
