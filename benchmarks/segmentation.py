@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         print(fmt_table(rows, "(from json)", "(from json)", args.per_class))
         return 0
     from uda_cli.config import parse_set
+    from uda_cli.methods.registry import get_method
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     pairs = [p.strip() for p in args.pairs.split(",") if p.strip()]
@@ -259,20 +260,26 @@ def main(argv: list[str] | None = None) -> int:
     device = _digits_module().device_name(args.device)
     out_root = args.out or Path(tempfile.mkdtemp(prefix="uda-seg-bench-"))
     rows: list[dict] = []
+    trained: dict[tuple[str, int, str], dict] = {}  # source-only runs trained as self-training's start
     for pair in pairs:
         for method in methods:
             for seed in seeds:
-                name = f"{method}_{pair}_{args.budget}" + (f"_steps{steps}" if args.steps else "") + \
-                       "".join(f"_{k}-{v}" for k, v in sorted(params.items())) + \
-                       ("_init" if args.init_from_source_only else "") + f"_s{seed}"
                 init = None
-                if args.init_from_source_only and method not in ("source-only", "oracle"):
+                if args.init_from_source_only and method != "oracle" and \
+                        "warmup_steps" in get_method(method).Config.model_fields:
                     init = out_root / f"source-only_{pair}_{args.budget}_s{seed}"
                     if not (init / "checkpoints" / "latest").exists():
-                        run_one("source-only", pair, seed, args.device, args.data_root, init, None, batch, {},
-                                args.workers, args.precision)
-                row = run_one(method, pair, seed, args.device, args.data_root, out_root / name, steps, batch, params,
-                              args.workers, args.precision, rounds_params, init)
+                        trained[pair, seed, init.name] = run_one("source-only", pair, seed, args.device,
+                                                                 args.data_root, init, None, batch, {}, args.workers,
+                                                                 args.precision)
+                name = f"{method}_{pair}_{args.budget}" + (f"_steps{steps}" if args.steps else "") + \
+                       "".join(f"_{k}-{v}" for k, v in sorted(params.items())) + \
+                       ("_init" if init is not None else "") + f"_s{seed}"
+                if method == "source-only" and (pair, seed, name) in trained:  # trained above as a warm-up
+                    row = dict(trained[pair, seed, name])
+                else:
+                    row = run_one(method, pair, seed, args.device, args.data_root, out_root / name, steps, batch,
+                                  params, args.workers, args.precision, rounds_params, init)
                 if init is not None:
                     row["init"] = str(init)
                 row["device"] = device
