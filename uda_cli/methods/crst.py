@@ -24,6 +24,15 @@ Departures, one line each:
 - the stored labels are CRST's hard labels on the kept pixels; CRST writes q as a .npy of K
   float32 maps per image (159 MB at 2048x1024).
 - everything CBST departs in (see its docstring).
+
+Classification domains (``uda train --method crst --src mnist --tgt mnistm --set
+regularizer=mrkld``): CBST's per-image rounds (``methods/cbst.py``), each image a 1x1 map, so
+the target term above applies unchanged over the labelled images of the batch: mrkld adds
+reg_weight x their mean -(1/K) sum_k log p_k; lrent keeps the images CRST's rule keeps and trains
+the soft CE against normalise((p/lambda)^(1/alpha)) over all K classes, recomputed from the
+round's ``probs.npy``. Departures, one line each:
+- lrent's soft labels use all K probabilities (no top-k cut), stored as float16.
+- everything CBST's classification version departs in (see its docstring).
 """
 
 from __future__ import annotations
@@ -59,9 +68,10 @@ class CRSTConfig(SelfTrainingConfig):
 
 @register_method("crst")
 class CRST(CBST):
-    """Networks: F (the segmentation network)."""
+    """Networks: F (the segmentation network); on digits F (encoder) and C (classifier)."""
 
     Config = CRSTConfig
+    tasks = {"segmentation", "classification"}
 
     @property
     def topk(self) -> int:  # classes per pixel the pass keeps
@@ -70,6 +80,18 @@ class CRST(CBST):
     @property
     def lrent(self) -> bool:
         return self.cfg.regularizer == "lrent"
+
+    @property
+    def soft_targets(self) -> bool:  # classification: lrent's loss reads the pass's probabilities
+        return self.lrent
+
+    def select_images(self, prob, lam):
+        if not self.lrent:
+            return super().select_images(prob, lam)
+        k = prob.shape[1]
+        idx = torch.arange(k, device=prob.device).view(1, k, 1, 1).expand(len(prob), k, 1, 1)
+        soft, keep = self.soft_labels(idx, prob[:, :, None, None], lam.to(prob.device))
+        return torch.where(keep, soft.argmax(1), torch.full_like(keep, 255, dtype=torch.int64))[:, 0, 0]
 
     def select(self, classes, probs, lam, round_index=0):
         if not self.lrent:

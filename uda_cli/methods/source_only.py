@@ -81,13 +81,7 @@ class SourceOnly(Method):
     def build(self):
         if self.spec.task == "segmentation":
             return {"F": build_segmentation_net(self.cfg, self.spec)}
-        if self.cfg.model != "auto":
-            raise ConfigError("--set model applies to segmentation runs; a digit run picks its network with "
-                              "--set backbone=lenet|svhn")
-        ch = self.spec.channels
-        net = build_model(digit_model_name(self.cfg.backbone, self.spec.domains, ch),
-                          num_classes=self.spec.num_classes, in_channels=ch)
-        return {"F": net.F, "C": net.C}  # two networks, as checkpoints store them (F.*, C.*)
+        return build_digit_nets(self.cfg, self.spec)
 
     def train_step(self, batch, step):
         if self.spec.task == "segmentation":
@@ -106,6 +100,19 @@ class SourceOnly(Method):
         if self.spec.task == "segmentation":
             return self.nets["F"].features(x)
         return self.nets["F"](x)
+
+
+def build_digit_nets(cfg, spec) -> dict:
+    """A digit run's F (encoder) and C (classifier), the network ``cfg.backbone`` picks (auto:
+    the DANN SVHN network when SVHN is involved, else LeNet), kept as two networks, as
+    checkpoints store them (F.*, C.*). Shared by the methods that also run on segmentation
+    (source-only, cbst, crst): a ``--set model=`` there is refused in one line."""
+    if getattr(cfg, "model", "auto") != "auto":
+        raise ConfigError("--set model applies to segmentation runs; a digit run picks its network with "
+                          "--set backbone=lenet|svhn")
+    ch = spec.channels
+    net = build_model(digit_model_name(cfg.backbone, spec.domains, ch), num_classes=spec.num_classes, in_channels=ch)
+    return {"F": net.F, "C": net.C}
 
 
 # ---- shared by the segmentation methods ---------------------------------------------------------
