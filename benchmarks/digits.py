@@ -139,6 +139,10 @@ BUDGETS: dict[str, dict[str, Budget | dict[str, Budget]]] = {
                     # 72.8%; source-only at 2,100 75.5): a longer adversarial phase does not help here.
                     "*": Budget(600, 64, (("pretrain_steps", 300),))}},
 }
+# Self-training (cbst, crst): the length is warmup_steps + rounds x round_steps (--steps is
+# refused), so a budget sets those; smoke: 1 warm-up step and one round of 2 steps.
+ROUNDS_SMOKE = Budget(None, None, (("warmup_steps", 1), ("rounds", 1), ("round_steps", 2)))
+BUDGETS["cbst"] = BUDGETS["crst"] = {"smoke": ROUNDS_SMOKE, "paper": Budget(), "cpu": Budget()}
 DEFAULT_BUDGET = {"smoke": SMOKE, "cpu": {"svhn-mnist": Budget(600), "*": Budget(2000)}, "paper": Budget()}
 # Hyperparameters a pair needs whatever the budget: DTN's g decodes grey unless told otherwise.
 PAIR_PARAMS = {("dtn", "mnist-mnistm"): {"grey_output": False}}
@@ -195,8 +199,11 @@ def run_one(method: str, pair: Pair, steps: int | None, seed: int, device: str, 
     from uda_cli.engine.trainer import train
 
     t0 = time.perf_counter()
-    cfg = method_config(method, params or {})
-    total = steps or cfg.steps
+    from uda_cli.methods.registry import get_method
+
+    cls = get_method(method)
+    cfg = method_config(method, {**cls.task_defaults("classification", (pair.src, pair.tgt)), **(params or {})})
+    total = steps or cls.derived_steps(cfg) or cfg.steps
     tgt = f"{pair.tgt}:train[:-{target_val}]" if target_val else pair.tgt
     # A checkpoint at every evaluation (else at every tenth of the run), the trainer's last
     # three kept: a run killed outright (OOM, a lease's hard end) keeps its last complete one

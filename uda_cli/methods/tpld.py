@@ -97,6 +97,7 @@ class TPLD(CRST):
     """Networks: F (the segmentation network), D (the entropy discriminator of phase 2)."""
 
     Config = TPLDConfig
+    tasks = {"segmentation"}
 
     @classmethod
     def task_defaults(cls, task: str, domains: tuple[str, ...]) -> dict[str, Any]:
