@@ -260,3 +260,26 @@ def test_tpld_refusals(street, tmp_path, capsys):
     code, _, err = cli(["train", "--method", "tpld", "--src", "mnist2000", "--tgt", "usps1800", "--out",
                         str(tmp_path / "c")], capsys)
     assert code == 2 and "tpld" in err and "segmentation" in err, err
+
+
+def test_target_list_picks_the_rounds_images(street, tmp_path, capsys):
+    """--set target_list=FILE (CRST's 505-image list): the rounds label and train on the listed
+    images only, named as stems or as CRST's paths; a name the target lacks is refused in one
+    line before the first step."""
+    stems = sorted(p.name.removesuffix("_leftImg8bit.png")
+                   for p in (street / "cityscapes" / "leftImg8bit" / "train").rglob("*.png"))
+    city = stems[1].split("_", 1)[0]
+    listed = tmp_path / "list.lst"
+    listed.write_text(f"# two of them\n{stems[0]}\nleftImg8bit/train/{city}/{stems[1]}_leftImg8bit.png\n")
+    run = tmp_path / "listed"
+    code, out, err = cli(argv(street, run, "--set", "warmup_steps=1", "--set", "rounds=1", "--set", "round_steps=2",
+                              "--set", f"target_list={listed}"), capsys)
+    assert code == 0, err
+    assert sorted(p.stem for p in (run / "rounds" / "00" / "labels").glob("*.png")) == sorted(stems[:2])
+    assert json.loads((run / "config.json").read_text())["config"]["target_list"] == str(listed)
+    listed.write_text(f"{stems[0]}\nnot_a_city_000000_000000\n")
+    code, _, err = cli(argv(street, tmp_path / "bad", "--set", "warmup_steps=1", "--set", "rounds=1",
+                            "--set", "round_steps=2", "--set", f"target_list={listed}"), capsys)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "not_a_city_000000_000000" in errors[0] and "1 of 2" in errors[0], err
+    assert not (tmp_path / "bad" / "checkpoints").exists()  # refused before the first step

@@ -237,6 +237,8 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
         return {"domain": meta["tgt_eval"], **report}
 
     rounds = sorted(method.round_starts(total))
+    if rounds:
+        method.check_target(tgt)
     result = RunResult(run_dir=run_dir, step=start, checkpoint=resume_from, rank=dist.rank, world_size=world)
     imgs_per_step = 2 * global_batch
     vote = dist.stop_vote()

@@ -230,6 +230,10 @@ class Method:
     def prepare_round(self, ctx: RoundContext) -> None:
         """Pseudo-label pass before a round; on resume, reload what the round wrote."""
 
+    def check_target(self, target) -> None:
+        """Before the first step: refuse, in one line, a target the rounds could not use (a
+        ``target_list`` naming images it lacks), rather than after a warm-up."""
+
     def extra_state(self) -> dict[str, "torch.Tensor"]:
         """Tensors outside the networks that a checkpoint must keep."""
         return {}

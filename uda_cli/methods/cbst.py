@@ -22,8 +22,9 @@ Departures from CRST's code, one line each:
   small random portion of source images (3-6 %) together with the target list instead.
 - rounds are counted in steps (``round_steps``), not epochs of that mixed list.
 - the pass keeps each pixel's top-2 classes, so a class outside them is never selected there.
-- no rare-class patch mining (CRST's ``MINE_PORT``); no 505-image target subset (the target's
-  train split as given: slice it, e.g. ``--tgt 'cityscapes:train[:505]'``).
+- no rare-class patch mining (CRST's ``MINE_PORT``).
+- the target images are the target's train split unless ``--set target_list=FILE`` names some
+  (CRST's default is its 505-image ``train_ClsConfSet.lst``, not shipped here: give the file).
 
 Classification domains (digits, ``uda train --method cbst --src mnist --tgt usps``): the same
 rounds with one confidence per image instead of per pixel. F and C are source-only's digit
@@ -42,6 +43,7 @@ the label empty where unlabelled, the confidence max_k p_k), ``thresholds.json``
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 from typing import Any, Literal
 
@@ -92,6 +94,9 @@ class SelfTrainingConfig(SegmentationConfig):
     target_weight: float = Field(1.0, ge=0, description="weight of the target pseudo-label loss")
     pass_flip: bool = Field(True, description="average the pass's prediction with its mirror (CRST)")
     pass_scale: float = Field(1.0, gt=0, description="the pass's input scale (CRST: 0.9 at Cityscapes size)")
+    target_list: str | None = Field(None, description="a text file of target image names, one per line: the rounds "
+                                                      "label and train on these only (CRST's 505-image "
+                                                      "train_ClsConfSet.lst); default: the whole target split")
     backbone: Literal["auto", "lenet", "svhn"] = Field(
         "auto", description="digit runs: auto: the DANN SVHN network when SVHN is involved, else LeNet")
 
@@ -141,6 +146,9 @@ class CBST(Method):
 
     def build(self):
         if not self.dense:
+            if self.cfg.target_list:
+                raise ConfigError("--set target_list applies to segmentation runs; slice a digit target instead, "
+                                  "e.g. --tgt 'usps:train[:1000]'")
             if self.cfg.pass_scale != 1.0:
                 raise ConfigError("--set pass_scale applies to segmentation runs; a digit run's pass reads the "
                                   "images at their size")
@@ -169,6 +177,8 @@ class CBST(Method):
         files = R.RoundFiles(ctx.run_dir, ctx.round_index)
         if ctx.set_target is None:
             raise ConfigError(f"{self.name} needs a dense (segmentation) target")
+        if self.cfg.target_list:
+            ctx = dataclasses.replace(ctx, target=listed_target(ctx.target, self.cfg.target_list))
         if not files.complete:
             if ctx.resumed:  # the checkpoint is inside this round, so its files were complete once
                 raise ConfigError(f"{files.folder} is incomplete but the checkpoint is inside round "
@@ -197,6 +207,10 @@ class CBST(Method):
                      f"pixels labelled")
         self.lam = self._read_lambda(files)
         self.set_streams(ctx, files)
+
+    def check_target(self, target) -> None:
+        if self.dense and self.cfg.target_list:
+            listed_target(target, self.cfg.target_list)
 
     def image_stats(self, lam: torch.Tensor, round_index: int):
         """Per image, what ``stats.json`` keeps beside the label counts (None: nothing)."""
@@ -347,6 +361,43 @@ class CBST(Method):
         if not self.dense:
             return self.nets["F"](x)
         return self.nets["F"].features(x)
+
+
+def listed_target(target, list_file: str):
+    """The images of ``target`` that ``list_file`` names, in the file's order: one per line,
+    as a stem (``aachen_000000_000019``) or a path whose file name starts with it (CRST's
+    ``leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png``); blank lines and
+    ``#`` comments are skipped. One line for a missing file or a name the target lacks."""
+    from pathlib import Path
+
+    from uda_cli.data.dense import SubsetSource
+
+    path = Path(list_file).expanduser()
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise ConfigError(f"target_list {path}: {e.strerror or e}; give a text file of target image names, one per "
+                          "line") from None
+    names = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+    stems = {target.stem(i): i for i in range(len(target))}
+    picked, missing = [], []
+    for name in names:
+        base = name.replace("\\", "/").rsplit("/", 1)[-1]
+        stem = base if base in stems else next((s for s in (base.rsplit(".", 1)[0], *_suffixless(base))
+                                                if s in stems), None)
+        (picked if stem is not None else missing).append(stems.get(stem, name))
+    if missing:
+        raise ConfigError(f"target_list {path}: {len(missing):,} of {len(names):,} names are not images of "
+                          f"{target.name}, e.g. {missing[0]!r}; list stems of that split, one per line")
+    if not picked:
+        raise ConfigError(f"target_list {path} names no image; list stems of {target.name}, one per line")
+    return SubsetSource(target, picked, f"{target.name} ({path.name}: {len(picked):,} images)")
+
+
+def _suffixless(name: str) -> list[str]:
+    """Stems a file name may carry behind a dataset suffix: ``x_leftImg8bit.png`` -> ``x``."""
+    stem = name.rsplit(".", 1)[0]
+    return [stem.rsplit("_", 1)[0]] if "_" in stem else []
 
 
 # ---- a classification round's files ---------------------------------------------------------------
