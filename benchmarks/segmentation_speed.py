@@ -6,6 +6,8 @@
     python benchmarks/segmentation_speed.py --parts train --models deeplabv2_r101 --size 320x160 --tgt-size 320x160 \
         --steps 3 --warmup 1
     python benchmarks/segmentation_speed.py --parts loader --files 24 --workers 0,1,2,4 --keep /tmp/uda-seg-speed-files
+    python benchmarks/segmentation_speed.py --parts round --device cuda --models deeplabv2_r101 --precision bf16 \
+        --size 1280x720 --tgt-size 1024x512 --batch 2 --files 50 --steps 20 --workers 8
 
 Training step (``--parts train``): each network of ``--models`` is built with ``pretrained="none"``
 (19 classes) and trained with SGD on its ``param_groups`` (lr 2.5e-4, 10x on the head, momentum
@@ -29,6 +31,15 @@ gradients and momentum. ``--channels-last`` also measures each network in channe
 uda's trainer uses for segmentation on CUDA; inputs stay NCHW, as there). bf16 is autocast, on
 the CPU too. On a CPU host that others load, pass ``--threads 1``: with two intra-op threads on
 a loaded 2-core host the same step took 0.27-3.4 s against a steady 0.12-0.15 s with one.
+
+One tpld round (``--parts round``): on ``--files`` synthetic GTA5 and Cityscapes frames (the
+loader's files, below; Cityscapes ``val`` links to ``train``), ``uda train --method tpld --src gta5
+--tgt cityscapes`` with the first of ``--models`` from random weights, no warm-up, one phase-1 round
+of ``--steps`` steps at ``--size``/``--tgt-size``, batch ``--batch``, the first of ``--precision``.
+Timed inside the run: the round's preparation (the pass over the ``--files`` target images with
+CRST's flip, the thresholds, the label selection and voting, the files written) as seconds and
+images/s, with its peak memory; and the retraining steps (median ms/step over the steps after the
+first, each synchronised; peak memory over them).
 
 Loader (``--parts loader``): writes ``--files`` synthetic frames per dataset (photo-like: smooth
 colour fields, gradients and noise, so PNG compression is realistic at ~3.5 MB a frame) in the
@@ -377,6 +388,80 @@ def write_files(root: Path, n: int, scale: float, seed: int = 0) -> dict:
     return want
 
 
+# ---- one tpld round ------------------------------------------------------------------------------
+
+
+def time_round(root: Path, model: str, device, precision: str, size, tgt_size, batch: int, steps: int,
+               workers: int, seed: int = 0) -> dict:
+    """One tpld round on the files under ``root`` (see the module docstring): the pass and the
+    retraining, each with its time and peak memory."""
+    import statistics
+
+    import torch
+
+    from uda_cli.config import TrainOptions
+    from uda_cli.engine.trainer import train
+    from uda_cli.methods.cbst import CBST
+    from uda_cli.methods.tpld import TPLD
+
+    for sub in ("leftImg8bit", "gtFine"):  # the run evaluates on val: the same frames
+        val = root / "cityscapes" / sub / "val"
+        if not val.exists():
+            val.symlink_to("train", target_is_directory=True)
+    mem, got, step_ms, step_peak = PeakMemory(device), {}, [], [0]
+    prepare, step_fn = CBST.prepare_round, TPLD.train_step
+
+    def timed_prepare(self, ctx):
+        _sync(device)
+        mem.reset()
+        t0 = time.perf_counter()
+        prepare(self, ctx)
+        _sync(device)
+        got["pass_s"], got["pass_peak"], got["images"] = time.perf_counter() - t0, mem.peak(), len(ctx.target)
+        mem.reset()
+
+    def timed_step(self, batch_, step):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = step_fn(self, batch_, step)
+        _sync(device)
+        step_ms.append(1000 * (time.perf_counter() - t0))
+        step_peak[0] = max(step_peak[0], mem.peak())
+        return out
+
+    CBST.prepare_round, TPLD.train_step = timed_prepare, timed_step
+    try:
+        with tempfile.TemporaryDirectory(prefix="uda-seg-round-") as tmp:
+            opts = TrainOptions(method="tpld", src="gta5", tgt="cityscapes", data_root=root, out=Path(tmp) / "run",
+                                device=str(device), precision=precision, batch_size=batch, seed=seed,
+                                src_size=_wh(size), tgt_size=_wh(tgt_size), workers=workers, eval_every=0,
+                                save_every=10_000_000, log_every=max(steps, 1),
+                                params={"model": model, "pretrained": "none", "warmup_steps": 0, "phase1_rounds": 1,
+                                        "phase2_rounds": 0, "round_steps": steps})
+            train(opts, interactive=False)
+    finally:
+        CBST.prepare_round, TPLD.train_step = prepare, step_fn
+    timed = step_ms[1:] or step_ms
+    return {"model": model, "precision": precision, "size": _wh(size), "tgt_size": _wh(tgt_size), "batch": batch,
+            "images": got["images"], "pass_s": got["pass_s"], "pass_img_s": got["images"] / got["pass_s"],
+            "pass_mib": got["pass_peak"] / 2**20, "step_ms": statistics.median(timed), "steps": len(timed),
+            "step_mib": step_peak[0] / 2**20, "memory": mem.method}
+
+
+def fmt_round(row: dict, device_line: str) -> str:
+    return "\n".join([
+        f"One tpld round, {row['model']} {row['precision']}, source {row['size']}, target {row['tgt_size']}, "
+        f"batch {row['batch']} + {row['batch']}; {device_line}; memory: {row['memory']}",
+        "",
+        "| part | images or steps | time | rate | peak MiB |",
+        "|---|---|---|---|---|",
+        f"| pass (predict with flip, thresholds, selection, voting, files) | {row['images']} images | "
+        f"{row['pass_s']:.1f} s | {row['pass_img_s']:.2f} images/s | {row['pass_mib']:.0f} |",
+        f"| retraining (phase-1 step: source CE + bootstrapped target + MRKLD) | {row['steps']} steps | "
+        f"{row['step_ms']:.0f} ms/step (median) | {1000 / row['step_ms']:.2f} steps/s | {row['step_mib']:.0f} |",
+    ])
+
+
 # ---- loader -----------------------------------------------------------------------------------
 
 
@@ -522,7 +607,7 @@ def fmt_loader(rows: list[dict], decode: list[dict], device_line: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="train,loader", help="train, loader or both (default: both)")
+    ap.add_argument("--parts", default="train,loader", help="train, loader and/or round (default: train,loader)")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
     ap.add_argument("--size", type=parse_size, default=(720, 1280), metavar="WxH", help="source size (1280x720)")
@@ -544,8 +629,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     parts = _list(args.parts)
-    if not parts or set(parts) - {"train", "loader"}:
-        ap.error(f"--parts takes train and/or loader, not {args.parts!r}")
+    if not parts or set(parts) - {"train", "loader", "round"}:
+        ap.error(f"--parts takes train, loader and/or round, not {args.parts!r}")
     models = _list(args.models)
     if set(models) - set(MODELS):
         ap.error(f"unknown model {sorted(set(models) - set(MODELS))[0]!r}; models: {', '.join(MODELS)}")
@@ -593,6 +678,19 @@ def main(argv: list[str] | None = None) -> int:
                 rows, decode = run_loader(Path(tmp), args.files, workers, args.frame_scale, device, args.seed,
                                            args.repeats)
         print(fmt_loader(rows, decode, machine_line(device)) + "\n", flush=True)
+    if "round" in parts:
+        def one(root: Path) -> dict:
+            write_files(root, args.files, args.frame_scale, args.seed)
+            return time_round(root, models[0], device, precisions[0], args.size, args.tgt_size, args.batch,
+                              args.steps, workers[-1], args.seed)
+
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            row = one(args.keep)
+        else:
+            with tempfile.TemporaryDirectory(prefix="uda-seg-speed-") as tmp:
+                row = one(Path(tmp))
+        print(fmt_round(row, machine_line(device)) + "\n", flush=True)
     return 0
 
 

@@ -54,3 +54,17 @@ def test_tiny_run_prints_both_tables(tmp_path, capsys):
     stamp = (keep / "gta5" / "images" / "00001.png").stat().st_mtime_ns
     assert mod.write_files(keep, 2, 0.05) == {"version": 1, "files": 2, "frame_scale": 0.05, "seed": 0}
     assert (keep / "gta5" / "images" / "00001.png").stat().st_mtime_ns == stamp
+
+
+def test_tiny_tpld_round(tmp_path, capsys):
+    """--parts round: one tpld round on tiny synthetic frames times its pass and its steps."""
+    mod = _script()
+    assert mod.main(["--parts", "round", "--device", "cpu", "--models", "deeplabv2_small", "--size", "64x32",
+                     "--tgt-size", "64x32", "--batch", "2", "--steps", "3", "--files", "3", "--workers", "0",
+                     "--frame-scale", "0.05", "--keep", str(tmp_path / "files")]) == 0
+    out = capsys.readouterr().out
+    assert "One tpld round, deeplabv2_small fp32, source 64x32, target 64x32, batch 2 + 2" in out
+    (pass_row,) = [r for r in _rows(out, "pass (predict with flip, thresholds, selection, voting, files)")]
+    assert pass_row[1] == "3 images" and float(pass_row[3].split()[0]) > 0 and float(pass_row[4]) > 0
+    (step_row,) = [r for r in _rows(out, "retraining (phase-1 step: source CE + bootstrapped target + MRKLD)")]
+    assert step_row[1] == "2 steps" and float(step_row[2].split()[0]) > 0
