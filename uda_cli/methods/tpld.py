@@ -25,7 +25,9 @@ Assumptions where the paper could not be read (each a hyperparameter):
 - voting: ``vote_pooling="sum"`` of the confident neighbours' p/lambda, alpha on the pixel's
   own value, ``vote_window=3``: on one real round of the embedded digit scenes (cbst's round
   0, seed 0) windows 3 / 5 / 9 labelled 72 / 89 / 98 % of pixels at 96 / 92 / 90 % precision
-  (43 % at 99 % before voting); mean pooling with alpha on the pool labelled nothing.
+  (43 % at 99 % before voting); mean pooling with alpha on the pool labelled nothing, and
+  ``"confident"`` (the mean over the neighbours labelled in that class) under 1 % more. On
+  those scenes every object is a thin stroke and voting lowers mIoU (docs/methods/tpld.md).
 - bootstrapping: beta 0.95 (Reed et al.'s soft value), q = p/lambda renormalised, detached.
 - full pseudo-labels renormalised over the classes; with the pass's top two only.
 - phase 2 keeps the voting of phase 1 for its one-hot pixels; no MRKLD in phase 2.
