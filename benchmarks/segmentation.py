@@ -196,15 +196,17 @@ def fmt_table(rows: list[dict], budget: str, device: str, per_class: bool = Fals
     if with_rounds:
         lines += ["", "pseudo-labels per round: density (share of target pixels labelled) / precision (share of "
                       "those right) / mean precision over the classes labelled, % mean over seeds", ""]
-        for (method, pair, *_), rs in with_rounds:
+        for (method, pair, _, _, params), rs in with_rounds:
             n = max(len(r.get("rounds", [])) for r in rs)
+            ptxt = " ".join(f"{k}={v}" for k, v in json.loads(params).items())
             cells = []
             for j in range(n):
                 got = [r["rounds"][j] for r in rs if len(r.get("rounds", [])) > j]
                 cells.append(f"{statistics.mean(100 * g['density'] for g in got):.1f} / "
                              f"{statistics.mean(100 * g['precision'] for g in got):.1f} / "
                              f"{statistics.mean(100 * g.get('class_precision', 0) for g in got):.1f}")
-            lines.append(f"- {method} on {pair}: " + "; ".join(f"round {j}: {c}" for j, c in enumerate(cells)))
+            lines.append(f"- {method}{f' ({ptxt})' if ptxt else ''} on {pair}: "
+                         + "; ".join(f"round {j}: {c}" for j, c in enumerate(cells)))
     if per_class:
         for (method, pair, *_), rs in groups.items():
             classes = list(rs[0]["per_class_iou"])
