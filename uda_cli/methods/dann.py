@@ -54,23 +54,48 @@ docs/methods/dann.md):
   (128 x 7 x 7 on the SVHN net), where the SVHN figure of the paper and public
   re-implementations split feature extractor from label predictor; it did not change the
   SVHN->MNIST collapse under "mixed", so the default stays.
+
+Office-31 (a pair with an ``office31-*`` domain; ``backbone=auto`` there, or ``resnet50``):
+- F, C: source-only's Office networks (``uda_cli.methods.source_only.build_photo_nets``):
+  ImageNet ResNet-50 up to pooling, then C = a 256-d bottleneck (linear, batch norm, ReLU;
+  TLlib's ``dann.ImageClassifier``) and a linear layer to the 31 classes. ``--set
+  pretrained=imagenet|none|FILE`` (default imagenet: torchvision's weights from $TORCH_HOME,
+  never downloaded; a missing file is one line naming it).
+- D reads the bottleneck (``C.features``), behind the reversal layer, as in the DANN paper's
+  Office networks and its re-implementations: fc 1024 - ReLU - dropout 0.5 - fc 1024 - ReLU -
+  dropout 0.5 - fc 2 (``DropoutDomainClassifier``, CDAN's ``AdversarialNetwork(256, 1024)``;
+  ``d_hidden`` changes 1024). ``d_input=conv`` is refused (it names the digit SVHN net's conv
+  output).
+- Recipe: source-only's ``OFFICE_RECIPE``, CDAN's PyTorch Office code (thuml/CDAN
+  pytorch/train_image.py): SGD lr 1e-3 with the new layers (C and D) at 10x, momentum 0.9,
+  weight decay 5e-4, the "inv" annealing (1 + 0.001 i)^-0.75 = the paper's
+  mu_0 / (1 + 10 p)^0.75 over 10,000 steps; batch 32 per domain (TLlib's DANN; CDAN 36);
+  10,000 steps, over which lambda ramps 0 -> 1 (gamma 10) as in CDAN's ``calc_coeff``
+  (max_iter 10,000). F reads source and target as two batches ("auto": ResNet-50 has batch
+  norm), as CDAN's code does. Not done: CDAN's Nesterov momentum and doubled decay (1e-3 in
+  effect), the resize-256 / crop-224 / flip augmentation (images are the reader's 224x224
+  resize), 10-crop testing. Assumed: that this CDAN recipe stands for "DANN's Office
+  schedule" (the DANN paper's own Office runs use AlexNet). Every Office-31 number is
+  unmeasured (no images here).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from uda_cli.errors import ConfigError
 from uda_cli.methods.base import Method, MethodConfig, OptimSpec
 from uda_cli.methods.registry import register_method
-from uda_cli.models.classifiers import LeNetEncoder, digit_model_name
-from uda_cli.models.discriminators import DomainClassifier
+from uda_cli.methods.source_only import NEW_LAYER_LR_MULT, OFFICE_RECIPE, build_photo_nets
+from uda_cli.models.classifiers import LeNetEncoder, classification_backbone, digit_model_name, photo_run
+from uda_cli.models.discriminators import DomainClassifier, DropoutDomainClassifier
 from uda_cli.models.registry import build_model
 
 
@@ -107,9 +132,13 @@ class DANN(Method):
     """Networks: F (feature extractor), C (label predictor), D (domain classifier)."""
 
     class Config(MethodConfig):
-        backbone: Literal["auto", "lenet", "svhn"] = Field(
-            "auto", description="auto: the DANN SVHN network when SVHN is involved, else LeNet"
+        backbone: Literal["auto", "lenet", "svhn", "resnet50"] = Field(
+            "auto", description="auto: ResNet-50 on Office-31, the DANN SVHN network when SVHN is involved, "
+                                "else LeNet"
         )
+        pretrained: str = Field("auto", description="ResNet-50 (Office-31) initialisation: imagenet, none, or a "
+                                                    ".safetensors file; auto: imagenet. Digit networks start "
+                                                    "from scratch")
         steps: int = Field(10_000, gt=0)
         batch_size: int = Field(64, gt=0, description="per domain: the paper's 128-image batch is half source, half target")
         optimizer: Literal["adam", "sgd"] = "sgd"
@@ -122,12 +151,31 @@ class DANN(Method):
         f_batches: Literal["auto", "mixed", "separate"] = Field(
             "auto", description="F sees source and target as one batch (its batch norm mixes them) or as two; "
                                 "auto: separate when F has batch norm, else mixed; see the docstring")
-        d_hidden: int | None = Field(None, gt=0, description="D's hidden width (default: 500 on LeNet, 1024 on the SVHN net)")
+        d_hidden: int | None = Field(None, gt=0, description="D's hidden width (default: 500 on LeNet, 1024 on the "
+                                                             "SVHN net and on Office-31's bottleneck)")
         d_input: Literal["features", "conv"] = Field(
             "features", description="what D reads: the encoder's features (ADDA's split) or its conv output; see the docstring")
 
+    @classmethod
+    def task_defaults(cls, task: str, domains: tuple[str, ...]) -> dict[str, Any]:
+        if task == "classification" and photo_run(domains):
+            return dict(OFFICE_RECIPE)
+        return {}
+
+    @functools.cached_property
+    def photo(self) -> bool:
+        """Whether F is the Office-31 ResNet-50 (D then reads C's bottleneck)."""
+        return isinstance(self.nets["D"], DropoutDomainClassifier)
+
     def build(self):
         c = self.spec.channels
+        if classification_backbone(self.cfg.backbone, self.spec.domains, c) == "resnet50":
+            if self.cfg.d_input == "conv":
+                raise ConfigError("--set d_input=conv reads the digit SVHN network's conv output; an Office-31 "
+                                  "run's D reads the bottleneck (d_input=features)")
+            nets = build_photo_nets(self.cfg, self.spec)
+            nets["D"] = DropoutDomainClassifier(nets["C"].out_features, self.cfg.d_hidden or 1024)
+            return nets
         net = build_model(digit_model_name(self.cfg.backbone, self.spec.domains, c),
                           num_classes=self.spec.num_classes, in_channels=c)
         # F and C stay two networks (their checkpoint keys are F.* and C.*), D reads between them.
@@ -138,6 +186,9 @@ class DANN(Method):
 
     def optimizers(self):
         # One SGD over all three: the GRL makes a single backward give each its update.
+        if self.photo:  # Office-31: the new layers (C, D) at 10x the pretrained ResNet's lr
+            mult = {"C": NEW_LAYER_LR_MULT, "D": NEW_LAYER_LR_MULT}
+            return {"main": OptimSpec.from_config(self.cfg, ("F", "C", "D"), lr_mult=mult)}
         return {"main": OptimSpec.from_config(self.cfg, ("F", "C", "D"))}
 
     def reversal_weight(self, step: int) -> float:
@@ -153,6 +204,15 @@ class DANN(Method):
         n_s = x_s.shape[0]
         lambd = self.reversal_weight(step)  # a host float from `step`: no sync
         enc = self.nets["F"]
+        if self.photo:  # Office-31: C's bottleneck is what D reads and C's last layer classifies
+            cls = self.nets["C"]
+            h = self._per_batch(lambda x: cls.features(enc(x)), x_s, x_t)
+            loss_y = F.cross_entropy(cls.fc(h[:n_s]), y_s)
+            d = self.nets["D"](grad_reverse(h, lambd))
+            loss_d = domain_loss(d[:n_s], d[n_s:])
+            self.update("main", loss_y + loss_d)
+            return {"c/cls": loss_y.detach(), "d/adv": loss_d.detach(),
+                    "grl/lambda": torch.full((), lambd, device=x_s.device)}
         if self.cfg.d_input == "conv":  # D on the conv output, C on the fc features above it
             h = self._per_batch(lambda x: enc.conv(x).flatten(1), x_s, x_t)
             f = enc.fc(h)
@@ -185,4 +245,6 @@ class DANN(Method):
         return self.nets["C"](self.nets["F"](x))
 
     def features(self, x):
+        if self.photo:
+            return self.nets["C"].features(self.nets["F"](x))
         return self.nets["F"](x)

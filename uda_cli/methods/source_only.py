@@ -22,6 +22,24 @@ Logits are upsampled bilinearly with align_corners=True, as ADVENT and CRST do.
 Departure: digit scenes (a domain that names ``deeplabv2_small`` as its model) train with
 Adam 1e-3, batch 16, 1,500 steps and no pretrained weights: minutes on one CPU thread, the mIoU
 still rising slowly at the end (docs/methods/source-only.md).
+Office-31 (a pair with an ``office31-*`` domain; ``backbone=auto`` there, or
+``backbone=resnet50``): F is torchvision's ResNet-50 up to its pooling (2048-d) and C the head
+DANN's Office re-implementations use, a 256-d bottleneck (linear, batch norm, ReLU; TLlib's
+``dann.ImageClassifier``) then a linear layer to the 31 classes
+(``uda_cli/models/classifiers.py``); ``features`` is the bottleneck. ``--set
+pretrained=imagenet`` (default; torchvision's ``ResNet50_Weights.IMAGENET1K_V1`` from
+$TORCH_HOME, never downloaded: a missing file is one line naming it), ``none`` or a
+``.safetensors`` file. The recipe (:data:`OFFICE_RECIPE`, shared with dann) is CDAN's PyTorch
+code for Office-31 (thuml/CDAN pytorch/train_image.py, the usual ResNet-50 DANN baseline there):
+SGD lr 1e-3, momentum 0.9, weight decay 5e-4, the new layers (C) at 10x lr, and its "inv"
+annealing lr (1 + 0.001 i)^-0.75, which over 10,000 steps is the engine's
+``lr_schedule="inv"`` (the DANN paper's mu_0 / (1 + 10 p)^0.75) exactly; batch 32 per domain
+(TLlib's DANN; CDAN's is 36); 10,000 steps (CDAN's reversal ramp reaches 1 over 10,000
+iterations; its runs are longer). Departures: CDAN's SGD is Nesterov and its scheduler
+multiplies the decay by 2 (1e-3 in effect, TLlib's value too), neither done here; images are
+the reader's 224x224 resize, without the resize-256 / random-crop-224 / flip augmentation of
+those codes, and the 10-crop test of CDAN is not done. All Office-31 numbers are unmeasured
+(no images here).
 The target oracle is this method with the target as the source.
 """
 
@@ -33,9 +51,9 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from uda_cli.errors import ConfigError, did_you_mean
-from uda_cli.methods.base import Method, MethodConfig
+from uda_cli.methods.base import Method, MethodConfig, OptimSpec
 from uda_cli.methods.registry import register_method
-from uda_cli.models.classifiers import digit_model_name
+from uda_cli.models.classifiers import BottleneckClassifier, classification_backbone, digit_model_name, photo_run
 from uda_cli.models.registry import build_model
 
 
@@ -44,8 +62,9 @@ class SegmentationConfig(MethodConfig):
 
     model: str = Field("auto", description="segmentation network (deeplabv2_r101, fcn8s_vgg16, deeplabv2_small); "
                                            "auto: the domain's own choice, else deeplabv2_r101")
-    pretrained: str = Field("auto", description="segmentation initialisation: imagenet, none, or a .safetensors "
-                                                "file; auto: imagenet for the big networks, none for the small")
+    pretrained: str = Field("auto", description="initialisation: imagenet, none, or a .safetensors file; auto: "
+                                                "imagenet for the big networks (and Office-31's ResNet-50), none "
+                                                "for the small")
 
     @field_validator("model")
     @classmethod
@@ -65,8 +84,9 @@ class SourceOnly(Method):
 
     class Config(SegmentationConfig):
         steps: int = Field(2_000, gt=0, description="see the docstring: ADDA's scripts use 10,000")
-        backbone: Literal["auto", "lenet", "svhn"] = Field(
-            "auto", description="auto: the DANN SVHN network when SVHN is involved, else LeNet"
+        backbone: Literal["auto", "lenet", "svhn", "resnet50"] = Field(
+            "auto", description="auto: ResNet-50 on Office-31, the DANN SVHN network when SVHN is involved, "
+                                "else LeNet"
         )
         weight_decay: float = 2.5e-5
 
@@ -74,14 +94,28 @@ class SourceOnly(Method):
 
     @classmethod
     def task_defaults(cls, task: str, domains: tuple[str, ...]) -> dict[str, Any]:
+        if task == "classification" and photo_run(domains):
+            return dict(OFFICE_RECIPE)
         if task != "segmentation":
             return {}
         return segmentation_defaults(domains)
 
+    @property
+    def photo(self) -> bool:
+        """Whether this is an Office-31 (ResNet-50) classification run."""
+        return self.spec.task == "classification" and isinstance(self.nets["C"], BottleneckClassifier)
+
     def build(self):
         if self.spec.task == "segmentation":
             return {"F": build_segmentation_net(self.cfg, self.spec)}
+        if classification_backbone(self.cfg.backbone, self.spec.domains, self.spec.channels) == "resnet50":
+            return build_photo_nets(self.cfg, self.spec)
         return build_digit_nets(self.cfg, self.spec)
+
+    def optimizers(self):
+        if self.photo:  # the new layers (C) at 10x, as CDAN's and DANN's Office recipes
+            return {"main": OptimSpec.from_config(self.cfg, ("F", "C"), lr_mult={"C": NEW_LAYER_LR_MULT})}
+        return super().optimizers()
 
     def train_step(self, batch, step):
         if self.spec.task == "segmentation":
@@ -99,6 +133,8 @@ class SourceOnly(Method):
     def features(self, x):
         if self.spec.task == "segmentation":
             return self.nets["F"].features(x)
+        if self.photo:
+            return self.nets["C"].features(self.nets["F"](x))
         return self.nets["F"](x)
 
 
@@ -110,9 +146,35 @@ def build_digit_nets(cfg, spec) -> dict:
     if getattr(cfg, "model", "auto") != "auto":
         raise ConfigError("--set model applies to segmentation runs; a digit run picks its network with "
                           "--set backbone=lenet|svhn")
+    if photo_run(spec.domains):
+        raise ConfigError(f"the digit networks take 32x32 digits, not Office-31's {spec.image_size[1]}x"
+                          f"{spec.image_size[0]} photos; source-only, dann and i2i train on office31 pairs "
+                          "(with the ResNet-50)")
     ch = spec.channels
     net = build_model(digit_model_name(cfg.backbone, spec.domains, ch), num_classes=spec.num_classes, in_channels=ch)
     return {"F": net.F, "C": net.C}
+
+
+# ---- Office-31: the ResNet-50 (shared with dann) -------------------------------------------------
+
+# CDAN's PyTorch Office-31 recipe (thuml/CDAN pytorch/train_image.py: SGD lr 0.001, momentum 0.9,
+# weight_decay 0.0005, "inv" lr with gamma 0.001, power 0.75; new layers at lr_mult 10), batch
+# 32 per domain (TLlib's DANN), 10,000 steps; see the module docstring for what differs.
+OFFICE_RECIPE = {"optimizer": "sgd", "lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4, "lr_schedule": "inv",
+                 "batch_size": 32, "steps": 10_000}
+NEW_LAYER_LR_MULT = 10.0  # the bottleneck, classifier and domain classifier: 10x the ResNet's lr
+
+
+def build_photo_nets(cfg, spec) -> dict:
+    """An Office-31 run's F (ImageNet ResNet-50 up to pooling, ``cfg.pretrained``: auto/imagenet,
+    none or a .safetensors file) and C (256-d bottleneck, then linear), as two networks (F.*, C.*)."""
+    from uda_cli.models.classifiers import resnet50_backbone
+
+    if getattr(cfg, "model", "auto") != "auto":
+        raise ConfigError("--set model applies to segmentation runs; an Office-31 run builds the ResNet-50 "
+                          "(--set pretrained=imagenet|none|FILE picks its start)")
+    f, c = resnet50_backbone(spec.num_classes, pretrained=getattr(cfg, "pretrained", "auto"))
+    return {"F": f, "C": c}
 
 
 # ---- shared by the segmentation methods ---------------------------------------------------------

@@ -13,15 +13,27 @@ which one a method's ``backbone=auto`` picks):
   do) because without it the network trains slowly at the digit learning rates.
 - ``DTNEncoder`` is DTN's f (Taigman, Polyak & Wolf, ICLR 2017, section 5.1).
 
-Photos: ``ResNet50Encoder`` (ImageNet ResNet-50 features) and ``BottleneckClassifier``, for
-Office-31 and other photo domains (no method builds them yet).
+Photos (Office-31): ``ResNet50Encoder`` (ImageNet ResNet-50 features, 2048-d) and
+``BottleneckClassifier`` (a 256-d bottleneck then a linear layer), the F and C that
+``source-only`` and ``dann`` build for ``office31-*`` pairs (:func:`classification_backbone`
+picks them: ``backbone=auto`` on an Office-31 domain, or ``backbone=resnet50``), and
+``ResNet50FeatureMap`` + ``PooledClassifier``, I2I's Office encoder (its 7x7x2048 map at 224x224
+is the latent z the decoders draw from) and classifier. None of them is in the model registry
+(``list_models("classification")`` stays the digit networks): methods build them here.
+
+``pretrained`` (``--set pretrained=``): ``imagenet`` (the default), ``none`` (torchvision's
+initialisation), or a ``.safetensors`` file of ResNet-50 weights under torchvision's names
+(``conv1.weight``, ``layer1.0.conv1.weight``...; ``fc.*`` is dropped) or under any one prefix
+(our ``net.``, a run checkpoint's ``F.net.``); see :func:`resolve_resnet_init`.
 
 The ResNet-50 weights come through torchvision's weight API (``ResNet50_Weights.IMAGENET1K_V1``,
 the original torchvision ImageNet weights most UDA papers start from). torchvision keeps them in
 ``$TORCH_HOME/hub/checkpoints/resnet50-0676ba61.pth`` (``TORCH_HOME`` defaults to
 ``~/.cache/torch``). We never download them ourselves: when the file is missing, building the
-network stops with one line saying how to fetch it; tests and from-scratch runs pass
-``pretrained=False``. Two departures from calling ``resnet50(weights=...)`` directly, both
+network stops with one line (a ConfigError, as the segmentation networks' missing ImageNet
+weights in ``uda_cli.models.segmentation.imagenet_state``) naming the file, its URL and
+$TORCH_HOME; tests and from-scratch runs pass ``pretrained=False`` (``--set pretrained=none``).
+Two departures from calling ``resnet50(weights=...)`` directly, both
 about the file on disk: the file's sha256 must start with the 8 hex digits in its name (torch
 checks that only while downloading), and it is loaded with ``weights_only=True`` (torch's
 restricted unpickler, which builds tensors and plain containers only; the default would run
@@ -41,11 +53,12 @@ import hashlib
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from uda_cli.errors import ConfigError, UDAError
+from uda_cli.errors import CheckpointError, ConfigError
 from uda_cli.models.registry import register_model
 
 # ---- digits -----------------------------------------------------------------------------------
@@ -215,10 +228,10 @@ def weights_path() -> Path:
 
 def _how_to_get(path: Path) -> str:
     return (
-        "on a machine with internet run `python -c \"from torchvision.models import resnet50, ResNet50_Weights; "
-        "resnet50(weights=ResNet50_Weights.IMAGENET1K_V1)\"` and copy "
-        f"{path.name} into $TORCH_HOME/hub/checkpoints/ here (TORCH_HOME defaults to ~/.cache/torch), "
-        "or train from scratch with pretrained=false"
+        f"download {imagenet_weights().url} (torchvision's ResNet50_Weights.IMAGENET1K_V1; on a machine with "
+        "internet `python -c \"from torchvision.models import resnet50, ResNet50_Weights; "
+        "resnet50(weights=ResNet50_Weights.IMAGENET1K_V1)\"` fetches it) to $TORCH_HOME/hub/checkpoints/"
+        f"{path.name} (TORCH_HOME defaults to ~/.cache/torch), or train from scratch with --set pretrained=none"
     )
 
 
@@ -237,9 +250,39 @@ def check_weights_file(path: Path) -> None:
         while block := f.read(1 << 20):
             h.update(block)
     if not h.hexdigest().startswith(m.group(1)):
-        raise UDAError(
+        raise ConfigError(
             f"{path} is damaged (its sha256 does not start with {m.group(1)}); delete it, then {_how_to_get(path)}"
         )
+
+
+def resolve_resnet_init(pretrained: Any) -> str | Path:
+    """``"imagenet"``, ``"none"`` or the Path of a ``.safetensors`` file, from a method's
+    ``pretrained`` (``auto`` and True mean imagenet; False and None mean none). A file is
+    checked as the segmentation networks check theirs (``resolve_pretrained``: it exists, it
+    is safetensors, never a pickle)."""
+    if pretrained is True or (isinstance(pretrained, str) and pretrained.lower() in ("auto", "imagenet")):
+        return "imagenet"
+    if pretrained is None or pretrained is False or (isinstance(pretrained, str) and pretrained.lower() == "none"):
+        return "none"
+    from uda_cli.models.segmentation import resolve_pretrained  # imports this module: imported here
+
+    return resolve_pretrained(pretrained, "resnet50", imagenet=True)
+
+
+def _resnet_state_from_file(path: Path) -> dict[str, torch.Tensor]:
+    """A ResNet-50 state under torchvision's names from a safetensors file whose keys are
+    torchvision's or carry one prefix (``net.``, ``F.net.``...); ``fc.*`` is dropped."""
+    from uda_cli.models.segmentation import read_model_file
+
+    state = read_model_file(path)[0]
+    prefixes = sorted({k[: -len("conv1.weight")] for k in state if k.endswith("conv1.weight") and "layer" not in k})
+    if len(prefixes) != 1:
+        found = ", ".join(repr(p) for p in prefixes) or "none"
+        raise CheckpointError(f"{path} does not hold one ResNet-50 (first-conv keys '<prefix>conv1.weight' found: "
+                              f"{found}); pass a file of torchvision ResNet-50 weights")
+    prefix = prefixes[0]
+    return {k[len(prefix):]: v for k, v in state.items()
+            if k.startswith(prefix) and not k[len(prefix):].startswith("fc.")}
 
 
 class ImageNetInput(nn.Module):
@@ -255,29 +298,42 @@ class ImageNetInput(nn.Module):
 
 
 class ResNet50Encoder(nn.Module):
-    """ResNet-50 up to global average pooling: [B, 3, H, W] in [-1, 1] -> [B, 2048]."""
+    """ResNet-50 up to global average pooling: [B, 3, H, W] in [-1, 1] -> [B, 2048].
+
+    ``pretrained``: True / ``"imagenet"`` / ``"auto"`` (torchvision's ImageNet weights, from its
+    cache only), False / ``"none"``, or a ``.safetensors`` file (:func:`resolve_resnet_init`)."""
 
     out_features = 2048
 
-    def __init__(self, pretrained: bool = True):
+    def __init__(self, pretrained: Any = True):
         super().__init__()
         from torchvision.models import resnet50
 
-        state = None
-        if pretrained:  # the file first: a missing one is said before any work is done
+        init = resolve_resnet_init(pretrained)
+        state, source = None, ""
+        if init == "imagenet":  # the file first: a missing one is said before any work is done
             weights = imagenet_weights()
             path = weights_path()
             if not path.is_file():
-                raise UDAError(_missing_message(path))
+                raise ConfigError(_missing_message(path))
             check_weights_file(path)
             try:
                 state = weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
             except Exception as e:  # an unreadable file: say so in one line
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                raise UDAError(f"could not load {path} ({first}); delete it and fetch it again") from None
+                raise ConfigError(f"could not load {path} ({first}); delete it, then {_how_to_get(path)}") from None
+            source = "torchvision's ImageNet ResNet-50"
+        elif isinstance(init, Path):
+            state, source = _resnet_state_from_file(init), str(init)
         net = resnet50(weights=None)
         if state is not None:
-            net.load_state_dict(state)
+            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+            missing, unexpected = net.load_state_dict(state, strict=False)
+            missing = [k for k in missing if not k.startswith("fc.")]
+            if missing or unexpected:
+                what = "; ".join(filter(None, [f"missing {', '.join(missing[:3])}" if missing else "",
+                                               f"unexpected {', '.join(unexpected[:3])}" if unexpected else ""]))
+                raise CheckpointError(f"{source} does not fit ResNet-50: {what}; pass torchvision ResNet-50 weights")
         net.fc = nn.Identity()  # the 1000-way ImageNet head is replaced by the method's classifier
         self.input = ImageNetInput()
         self.net = net
@@ -285,26 +341,79 @@ class ResNet50Encoder(nn.Module):
     def forward(self, x):
         return self.net(self.input(x))
 
+    def feature_map(self, x):
+        """The last block's output before pooling: [B, 2048, H/32, W/32] (7x7 at 224x224)."""
+        n = self.net
+        x = n.maxpool(n.relu(n.bn1(n.conv1(self.input(x)))))
+        return n.layer4(n.layer3(n.layer2(n.layer1(x))))
+
+
+class ResNet50FeatureMap(ResNet50Encoder):
+    """ResNet-50 without its pooling: [B, 3, H, W] -> [B, 2048, H/32, W/32], I2I's Office
+    encoder f (its latent z is this map, which the decoders draw back to the image)."""
+
+    out_channels = 2048
+
+    def forward(self, x):
+        return self.feature_map(x)
+
 
 class BottleneckClassifier(nn.Module):
-    """The head most Office-31 methods put on ResNet-50 (DANN's, in TLlib and CDAN):
-    2048 -> bottleneck (linear, batch norm, ReLU, dropout 0.5) -> classes."""
+    """The head DANN's Office-31 re-implementations put on ResNet-50: 2048 -> a 256-d bottleneck
+    (linear, batch norm, ReLU: TLlib's ``dann.ImageClassifier``; CDAN's PyTorch code uses a bare
+    linear bottleneck) -> a linear layer to the classes. ``features(f)`` is the bottleneck
+    output, what DANN's domain classifier reads."""
 
     def __init__(self, num_classes: int, in_features: int = 2048, bottleneck: int = 256):
         super().__init__()
+        self.out_features = bottleneck
         self.bottleneck = nn.Sequential(
-            nn.Linear(in_features, bottleneck), nn.BatchNorm1d(bottleneck), nn.ReLU(inplace=True), nn.Dropout(0.5)
+            nn.Linear(in_features, bottleneck), nn.BatchNorm1d(bottleneck), nn.ReLU(inplace=True)
         )
         self.fc = nn.Linear(bottleneck, num_classes)
+
+    def features(self, f):
+        return self.bottleneck(f)
 
     def forward(self, f):
         return self.fc(self.bottleneck(f))
 
 
-def resnet50_backbone(num_classes: int, pretrained: bool = True, bottleneck: int = 256) -> tuple[nn.Module, nn.Module]:
+class PooledClassifier(BottleneckClassifier):
+    """I2I's Office classifier h on the latent map: global average pooling, then the bottleneck
+    classifier (ours: the paper does not give its Office h)."""
+
+    def features(self, z):
+        return self.bottleneck(z.mean((2, 3)) if z.dim() == 4 else z)
+
+    def forward(self, z):
+        return self.fc(self.features(z))
+
+
+def resnet50_backbone(num_classes: int, pretrained: Any = True, bottleneck: int = 256) -> tuple[nn.Module, nn.Module]:
     """``(encoder F, classifier C)``: ImageNet ResNet-50 features and a bottleneck classifier.
 
-    Methods usually give F a tenth of C's learning rate when F is pretrained (``lr_mult``).
-    """
+    Methods give F a tenth of C's learning rate (``OptimSpec.lr_mult``: C at 10x)."""
     f = ResNet50Encoder(pretrained=pretrained)
     return f, BottleneckClassifier(num_classes, f.out_features, bottleneck)
+
+
+# ---- which classification network a run builds -------------------------------------------------
+
+PHOTO_PREFIXES = ("office31-",)  # domains whose runs take the ImageNet ResNet-50 (backbone=auto)
+
+
+def photo_run(domains: tuple[str, ...]) -> bool:
+    """Whether a run involves an Office-31 domain: its networks are the ResNet-50 ones."""
+    return any(str(d).startswith(PHOTO_PREFIXES) for d in domains)
+
+
+def classification_backbone(backbone: str, domains: tuple[str, ...], channels: int) -> str:
+    """``"resnet50"`` for ``backbone=resnet50``, or ``auto`` on a run with an Office-31 domain;
+    otherwise the registered digit network :func:`digit_model_name` picks."""
+    if backbone == "resnet50" or (backbone == "auto" and photo_run(domains)):
+        if channels != 3:
+            raise ConfigError(f"the ResNet-50 takes colour images, and this run has {channels} channel; "
+                              "use colour domains (or --set grayscale=false where a method has it)")
+        return "resnet50"
+    return digit_model_name(backbone, domains, channels)

@@ -4,6 +4,8 @@
 - ``PixelDADiscriminator``: PixelDA's D (Bousmalis et al. CVPR 2017, Figure 2).
 - ``DTNDiscriminator``: DTN's three-class D (Taigman, Polyak & Wolf, ICLR 2017, section 5.1).
 - ``ImageDiscriminator``, ``FeatureDiscriminator``: I2I's Q_tr and Q_z (Murez et al. CVPR 2018).
+- ``DropoutDomainClassifier``: DANN's D for Office-31 (on the 256-d bottleneck).
+- ``PatchImageDiscriminator``, ``MapFeatureDiscriminator``: I2I's Office-31 Q_tr and Q_z.
 - ``EntropyDiscriminator``: ADVENT's fully-convolutional D on entropy maps (Vu et al. CVPR 2019);
   TPLD reuses it.
 
@@ -153,6 +155,63 @@ class FeatureDiscriminator(nn.Module):
 
     def forward(self, z):
         return self.net(z.flatten(1)).flatten()
+
+
+# ---- Office-31 (DANN, I2I) --------------------------------------------------------------------
+
+
+class DropoutDomainClassifier(nn.Module):
+    """DANN's domain classifier for Office-31 on the 256-d bottleneck: fc 1024 - ReLU - dropout
+    0.5 - fc 1024 - ReLU - dropout 0.5 - fc, as CDAN's PyTorch code builds it
+    (``AdversarialNetwork(256, 1024)`` in thuml/CDAN pytorch/network.py) and the DANN paper
+    describes its Office domain classifier (1024-1024, dropout). Two logits (domain 0 / 1) with
+    cross-entropy instead of CDAN's one sigmoid output with BCE: the same loss."""
+
+    def __init__(self, in_features: int = 256, hidden: int = 1024, dropout: float = 0.5):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, 2),
+        )
+
+    def forward(self, f):
+        return self.net(f)
+
+
+class PatchImageDiscriminator(nn.Module):
+    """I2I's Office Q_tr: 4 stride-2 convolutions (4x4, padding 1; 3 -> 64 -> 128 -> 256 -> 1),
+    leaky ReLU 0.2 between, no normalisation (as the digit Q_tr): a 224x224 image -> 14x14
+    patch logits, returned flat ``[B * 14 * 14]`` (every patch is one real/fake decision). The
+    layer count is the paper's (examples/i2i/office31.toml); widths and kernels are ours."""
+
+    def __init__(self, channels: int = 3, width: int = 64):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, width, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(width, 2 * width, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(2 * width, 4 * width, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(4 * width, 1, 4, 2, 1),
+        )
+
+    def forward(self, x):
+        return self.net(x).flatten()
+
+
+class MapFeatureDiscriminator(nn.Module):
+    """I2I's Office Q_z on the latent map: three 1x1 convolutions (in -> 500 -> 500 -> 1, leaky
+    ReLU 0.2 between; the digit Q_z's widths) and global average pooling: one logit per image.
+    The form (1x1 convs, pooling) is the paper's (examples/i2i/office31.toml); widths are ours."""
+
+    def __init__(self, in_channels: int = 2048, width: int = 500):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, width, 1), nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(width, width, 1), nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(width, 1, 1),
+        )
+
+    def forward(self, z):
+        return self.net(z).mean((2, 3)).flatten()
 
 
 # ---- ADVENT -----------------------------------------------------------------------------------

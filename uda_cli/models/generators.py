@@ -4,6 +4,8 @@
 - ``DTNDecoder``: DTN's g (Taigman, Polyak & Wolf, ICLR 2017, section 5.1), 128-d -> 32x32.
 - ``DecoderTrunk`` + ``DecoderHead``: I2I's decoders (Murez et al. CVPR 2018) for 32x32
   digits, the trunk shared by g_x and g_y.
+- ``MapDecoderTrunk`` + ``MapDecoderHead``: I2I's Office-31 decoders, five stride-2
+  transposed convolutions from the ResNet-50 feature map (7x7 at 224x224) back to the image.
 
 Also the weight initialisations of the GAN papers (``dcgan_init``, ``init_normal``), which the
 discriminators use too. None of these is in the model registry: no method lets a user swap
@@ -164,6 +166,57 @@ class DecoderHead(nn.Module):
             layers += [nn.ConvTranspose2d(in_channels, 64, 4, 2, 1), nn.BatchNorm2d(64), nn.ReLU(inplace=True)]  # 8 -> 16
             in_channels = 64
         self.net = nn.Sequential(*layers, nn.ConvTranspose2d(in_channels, channels, 4, 2, 1), nn.Tanh())  # 16 -> 32
+
+    def forward(self, h):
+        return self.net(h)
+
+
+# ---- I2I on Office-31 -------------------------------------------------------------------------
+# The paper's Office decoders (as examples/i2i/office31.toml records them): 5 stride-2 transposed
+# convolutions from the encoder's feature map, 7x7 -> 14 -> 28 -> 56 -> 112 -> 224 for a
+# 224x224 ResNet-50 input (x32, its output stride). Kernels (4x4, padding 1), widths
+# (2048 -> 256 -> 128 -> 64 -> 32 -> image), batch norm + ReLU between and tanh at the end are
+# ours, in the digit decoders' DCGAN style; so is the split: g_x and g_y share the first
+# ``shared_layers`` (the digit Config's ``decoder_shared_layers``, 2 by default) and each has
+# the rest. The widths keep a decode (~2.9 GFLOPs per 224x224 image) below a ResNet-50 forward.
+
+MAP_DECODER_WIDTHS = (256, 128, 64, 32)
+
+
+def _up(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.ConvTranspose2d(cin, cout, 4, 2, 1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+class MapDecoderTrunk(nn.Module):
+    """The shared first ``shared_layers`` (1 to 4) of the five: [B, in_channels, h, w] ->
+    [B, out_channels, h * 2^shared_layers, w * 2^shared_layers]."""
+
+    def __init__(self, in_channels: int = 2048, shared_layers: int = 2, widths=MAP_DECODER_WIDTHS):
+        super().__init__()
+        if not 1 <= shared_layers <= len(widths):
+            raise ValueError(f"shared_layers must be 1 to {len(widths)}, not {shared_layers}")
+        layers, cin = [], in_channels
+        for cout in widths[:shared_layers]:
+            layers += _up(cin, cout)
+            cin = cout
+        self.out_channels = cin
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z):
+        return self.net(z)
+
+
+class MapDecoderHead(nn.Module):
+    """A domain's own layers after a ``shared_layers`` trunk: the rest of the five transposed
+    convolutions, the last to the image's channels with tanh ([-1, 1], like the images)."""
+
+    def __init__(self, channels: int, shared_layers: int = 2, widths=MAP_DECODER_WIDTHS):
+        super().__init__()
+        layers, cin = [], widths[shared_layers - 1]
+        for cout in widths[shared_layers:]:
+            layers += _up(cin, cout)
+            cin = cout
+        self.net = nn.Sequential(*layers, nn.ConvTranspose2d(cin, channels, 4, 2, 1), nn.Tanh())
 
     def forward(self, h):
         return self.net(h)
