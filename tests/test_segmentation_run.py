@@ -183,7 +183,8 @@ def test_typos_and_commands_that_do_not_handle_segmentation_yet(tmp_path, capsys
                           "mnistm-scenes-mini", "--steps", "2", "--batch-size", "2", "--workers", "0", "--device",
                           "cpu", "--out", str(run)], capsys)
     assert code == 0 and "target mIoU (mnistm-scenes-mini:test)" in out, err
-    code, _, err = cli(["tsne", str(run)], capsys)
-    assert code != 0 and len(err.strip().splitlines()) == 1 and "segmentation" in err, err
+    # tsne maps a segmentation run's pixels (tests/test_tsne_segmentation.py); --easy-hard is tpld's alone
+    code, _, err = cli(["tsne", str(run), "--easy-hard"], capsys)
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "tpld" in err, err
     code, _, err = cli(["adapt-images", str(run), "--out", str(tmp_path / "x")], capsys)
     assert code != 0 and len(err.strip().splitlines()) == 1 and "does not translate images" in err, err

@@ -309,13 +309,22 @@ class AdaptImagesOptions(Options):
 
 class TsneOptions(Options):
     target: Path = Field(description="a run folder or a checkpoint file")
-    src: str | None = Field(default=None, description="NAME[:split]; default: the run's source, test split")
-    tgt: str | None = Field(default=None, description="NAME[:split]; default: the run's target, test split")
+    src: str | None = Field(default=None, description="NAME[:split]; default: the run's source, its evaluation split")
+    tgt: str | None = Field(default=None, description="NAME[:split]; default: the run's target evaluation split "
+                            "(--easy-hard: its training split)")
     out: Path | None = Field(default=None, description="output folder; default: <run>/tsne")
-    samples: int = Field(default=1000, gt=0, description="up to this many images per domain, class-balanced")
+    samples: int = Field(default=1000, gt=0,
+                         description="up to this many images (segmentation: pixels) per domain, class-balanced")
     perplexity: float = Field(default=30.0, gt=0)
     seed: int = Field(default=0, ge=0, description="seeds the draw, the embedding and the domain classifier")
-    batch_size: int = Field(default=512, gt=0)
+    batch_size: int | None = Field(default=None, gt=0, description="images per batch (default: 512; segmentation: "
+                                   "about a megapixel at the run's size)")
+    # Segmentation runs only (a classification run refuses them in one line).
+    max_images: int | None = Field(default=None, gt=0, description="segmentation: read at most this many images "
+                                   "per domain (default: 100)")
+    workers: int | None = Field(default=None, ge=0, description="segmentation: data loader workers (default: up to 4)")
+    easy_hard: bool = Field(default=False, description="tpld runs: colour target pixels by their image's easy/hard "
+                            "split in the last phase-2 round (target images from its training split)")
     data_root: Path | None = None
     device: str = "auto"
 
