@@ -157,3 +157,11 @@ def test_networks_recipes_and_refusals(tmp_path):
     grey = RunSpec(task="classification", classes=OFFICE31_CLASSES, channels=1, image_size=(224, 224), domains=office)
     with pytest.raises(ConfigError, match="runs in colour"):
         I2I(I2I.Config(pretrained="none"), grey)
+
+
+def test_evaluation_batches_shrink_with_the_image_size():
+    """The trainer's end-of-run evaluation: 512 digits per batch, as many pixels at 224x224."""
+    from uda_cli.engine.setup import classification_eval_batch
+
+    assert classification_eval_batch((32, 32)) == 512 and classification_eval_batch((28, 28)) == 512
+    assert classification_eval_batch((224, 224)) == 10 and classification_eval_batch((2000, 2000)) == 2

@@ -269,6 +269,14 @@ def build_data(opts: TrainOptions, spec: RunSpec, src_spec: DomainSpec, src_spli
     return _memory_data(opts, spec, src_spec, src_split, tgt_spec, tgt_split, tgt_eval_split, batch_size, dist, device)
 
 
+def classification_eval_batch(image_size) -> int:
+    """Images per evaluation batch on a classification domain: 512 at digit size (32x32), as
+    many pixels per batch at larger sizes (10 at Office-31's 224x224, where a batch of 512
+    would hold tens of GB of ResNet-50 activations), never fewer than 2."""
+    h, w = image_size
+    return max(2, min(512, 512 * 32 * 32 // max(h * w, 1)))
+
+
 def _memory_data(opts, spec, src_spec, src_split, tgt_spec, tgt_split, tgt_eval_split, batch_size, dist, device):
     """Digits: each split read once, converted once, kept once (on the device), however many
     roles it plays (source, target, evaluation)."""
@@ -288,7 +296,8 @@ def _memory_data(opts, spec, src_spec, src_split, tgt_spec, tgt_split, tgt_eval_
     batches = PairedBatches(src, tgt, batch_size, seed=opts.seed, world_size=dist.world_size, rank=dist.rank)
 
     def evaluate(method, autocast, dist_):
-        return evaluate_classifier(method, tgt_eval.images, tgt_eval.labels, 512, autocast, dist_)
+        return evaluate_classifier(method, tgt_eval.images, tgt_eval.labels, classification_eval_batch(spec.image_size),
+                                   autocast, dist_)
 
     return Data(batches, tgt, evaluate, {"src": list(spec.image_size), "tgt": list(spec.image_size)})
 
