@@ -9,3 +9,4 @@ from uda_cli.methods import advent  # noqa: F401
 from uda_cli.methods import cbst  # noqa: F401
 from uda_cli.methods import crst  # noqa: F401
 from uda_cli.methods import tpld  # noqa: F401
+from uda_cli.methods import lsd  # noqa: F401

@@ -8,6 +8,8 @@
 - ``PatchImageDiscriminator``, ``MapFeatureDiscriminator``: I2I's Office-31 Q_tr and Q_z.
 - ``EntropyDiscriminator``: ADVENT's fully-convolutional D on entropy maps (Vu et al. CVPR 2019);
   TPLD reuses it.
+- ``LSDDiscriminator``: LSD-seg's patch D (Sankaranarayanan et al. CVPR 2018), four domain
+  classes per patch and an auxiliary per-pixel class head.
 
 None of these is in the model registry: no method lets a user swap them with
 ``--set model=``, and they are not classifiers of the data's classes.
@@ -21,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from uda_cli.models.generators import dcgan_init, init_normal
+from uda_cli.models.generators import LSDResBlock, dcgan_init, init_normal
 
 # ---- DANN -------------------------------------------------------------------------------------
 
@@ -239,3 +241,38 @@ class EntropyDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+# ---- LSD-seg -----------------------------------------------------------------------------------
+
+
+class LSDDiscriminator(nn.Module):
+    """LSD-seg's D (``_netD`` in swamiviv/LSD-seg): an image ``[B, C, H, W]`` in [-1, 1] ->
+    ``(domain logits [B, 4, h, w], class logits [B, num_classes, h, w])``, h ~ H/8.
+
+    A 4x4 stride-2 conv (padding 2) to ``width`` (128 in the code), instance norm, leaky ReLU
+    0.2; three groups of ``blocks`` (3) residual blocks (:class:`LSDResBlock`: instance norm,
+    leaky ReLU, dropout 0.5) with a 2x2 max-pool between groups; two 3x3 heads: ``domain``, the
+    4-way patch classifier (source-real, source-fake, target-real, target-fake: the order of
+    ``uda_cli.methods.lsd``'s constants, the code's), and ``aux``, the ACGAN-style per-pixel
+    classifier of the ``num_classes`` classes (K, no extra "fake" class, as the code). Convs ~
+    N(0, 0.02), biases 0 (the code's init).
+    """
+
+    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 128, blocks: int = 3,
+                 dropout: float = 0.5):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 4, 2, 2), nn.InstanceNorm2d(width),
+                                   nn.LeakyReLU(0.2, inplace=True)]
+        for g in range(3):
+            if g:
+                layers.append(nn.MaxPool2d(2, 2))
+            layers += [LSDResBlock(width, leaky=True, bias=True, dropout=dropout) for _ in range(blocks)]
+        self.features = nn.Sequential(*layers)
+        self.domain = nn.Conv2d(width, 4, 3, padding=1)
+        self.aux = nn.Conv2d(width, num_classes, 3, padding=1)
+        init_normal(self)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.features(x)
+        return self.domain(h), self.aux(h)

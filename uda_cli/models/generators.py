@@ -220,3 +220,93 @@ class MapDecoderHead(nn.Module):
 
     def forward(self, h):
         return self.net(h)
+
+
+# ---- LSD-seg ----------------------------------------------------------------------------------
+
+
+class LSDResBlock(nn.Module):
+    """LSD-seg's residual block (swamiviv/LSD-seg ``ResnetBlock`` with instance norm):
+    ``x + dropout(act(IN(conv3x3(x))))``, ReLU in G, leaky ReLU 0.2 (with conv biases) in D.
+    The dropout (0.5) is G's only source of randomness: LSD-seg's G has no noise input."""
+
+    def __init__(self, channels: int, leaky: bool = False, bias: bool = False, dropout: float = 0.5):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, 1, 1, bias=bias)
+        self.norm = nn.InstanceNorm2d(channels)
+        self.act = nn.LeakyReLU(0.2, inplace=True) if leaky else nn.ReLU(inplace=True)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return x + self.drop(self.act(self.norm(self.conv(x))))
+
+
+def _in_relu(conv: nn.Module, channels: int) -> list[nn.Module]:
+    return [conv, nn.InstanceNorm2d(channels), nn.ReLU(inplace=True)]
+
+
+class LSDGenerator(nn.Module):
+    """LSD-seg's G (Sankaranarayanan et al., CVPR 2018; ``_netG`` in swamiviv/LSD-seg), written
+    for any segmentation network's F: it decodes F's feature maps (``layout``: ``(name,
+    channels, stride)`` coarsest first, e.g. FCN-8s's fc7 /32, pool4 /16, pool3 /8; DeepLab's
+    one map /8 or /4) back to an image at the input size.
+
+    A 3x3 stem (width 4 ``width``) with ``blocks`` residual blocks, then one stage per factor
+    of 2 down to stride 1: a stride-2 4x4 transposed conv, instance norm, ReLU; where F has a
+    map at that stride, it is concatenated (U-Net-like, as LSD-seg joins pool4 and pool3) and a
+    3x3 conv fuses it; then ``blocks`` residual blocks with dropout 0.5 (:class:`LSDResBlock`).
+    Widths: 4 ``width`` down to the last two stages' 2 ``width`` and ``width``. A 3x3 conv to
+    ``out_channels`` and tanh: the loaders' [-1, 1] range. Each stage's output is resized
+    (bilinear) to the skip map's size, and the last one to ``size``, so any input size works.
+
+    Departures from ``_netG``: tanh in [-1, 1] (the code: sigmoid in [0, 1], its unnormalised
+    images); 4x4 stride-2 transposed convs everywhere (the code: a 7x7 stride-1 one on fc7, 3x3
+    and 5x5 stride-2 ones and a final 8x8 one with padding 100, tuned to its padded FCN-8s);
+    a fuse conv after each concatenation; widths 256/256/.../128/64 rather than
+    256/512/256/128/64.
+    """
+
+    def __init__(self, layout, out_channels: int = 3, width: int = 64, blocks: int = 2, dropout: float = 0.5):
+        super().__init__()
+        layout = [(str(n), int(c), int(s)) for n, c, s in layout]
+        strides = [s for _, _, s in layout]
+        if not layout or any(s < 1 or s & (s - 1) for s in strides) or strides != sorted(set(strides), reverse=True) \
+                or strides[0] < 2:
+            raise ValueError(f"layout strides must be distinct powers of 2, coarsest (at least 2) first: {layout}")
+        self.names = [n for n, _, _ in layout]
+        n_up = strides[0].bit_length() - 1
+        stem_w = 4 * width
+        self.stem = nn.Sequential(*_in_relu(nn.Conv2d(layout[0][1], stem_w, 3, 1, 1, bias=False), stem_w),
+                                  *[LSDResBlock(stem_w, dropout=dropout) for _ in range(blocks)])
+        skips = {s: (n, c) for n, c, s in layout[1:]}
+        self.skip_at: dict[int, str] = {}
+        ups, fuses, stages = [], {}, []
+        cin, stride = stem_w, strides[0]
+        for i in range(n_up):
+            stride //= 2
+            cout = width * 2 ** max(0, min(2, n_up - 1 - i))
+            ups.append(nn.Sequential(*_in_relu(nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False), cout)))
+            if stride in skips:
+                name, ch = skips[stride]
+                self.skip_at[i] = name
+                fuses[str(i)] = nn.Sequential(*_in_relu(nn.Conv2d(cout + ch, cout, 3, 1, 1, bias=False), cout))
+            stages.append(nn.Sequential(*[LSDResBlock(cout, dropout=dropout) for _ in range(blocks)]))
+            cin = cout
+        self.ups = nn.ModuleList(ups)
+        self.fuse = nn.ModuleDict(fuses)
+        self.stages = nn.ModuleList(stages)
+        self.out = nn.Sequential(nn.Conv2d(cin, out_channels, 3, 1, 1), nn.Tanh())
+        init_normal(self)
+
+    def forward(self, maps: dict[str, torch.Tensor], size) -> torch.Tensor:
+        h = self.stem(maps[self.names[0]])
+        last = len(self.ups) - 1
+        for i, up in enumerate(self.ups):
+            h = up(h)
+            want = maps[self.skip_at[i]].shape[-2:] if i in self.skip_at else (tuple(size) if i == last else None)
+            if want is not None and h.shape[-2:] != want:
+                h = nn.functional.interpolate(h, size=want, mode="bilinear", align_corners=False)
+            if i in self.skip_at:
+                h = self.fuse[str(i)](torch.cat([h, maps[self.skip_at[i]]], 1))
+            h = self.stages[i](h)
+        return self.out(h)

@@ -125,6 +125,21 @@ class SegmentationNet(nn.Module):
     def forward_multi(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"main": self(x)}
 
+    # ---- the F / C split (LSD-seg: F embeds, C classifies, G decodes F's maps) -----------
+    def embed(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """F: the feature maps the classifier reads, coarsest first, as ``embed_layout`` names
+        them; ``classify(embed(x), x.shape[-2:])`` is ``forward(x)``."""
+        return {"features": self.features(x)}
+
+    def classify(self, maps: dict[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """C: logits from ``embed``'s maps (``size``: the input's [H, W], for networks whose
+        output is at the input size). The main head alone."""
+        return self.classifier(maps["features"])
+
+    def embed_layout(self) -> list[tuple[str, int, int]]:
+        """``(name, channels, stride)`` of each map ``embed`` returns, coarsest first."""
+        raise NotImplementedError
+
     def from_backbone_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A backbone state under torchvision's names -> this model's names."""
         return state
@@ -387,6 +402,9 @@ class DeepLabV2ResNet(SegmentationNet):
     def forward(self, x):
         return self.classifier(self.features(x))
 
+    def embed_layout(self):
+        return [("features", 2048, self.output_stride)]
+
     def forward_multi(self, x):
         c3, c4 = self._trunk(x)
         out = {"main": self.classifier(c4)}
@@ -503,12 +521,21 @@ class FCN8sVGG16(SegmentationNet):
     def features(self, x):
         return self.feature_maps(x)["fc7"]
 
-    def forward(self, x):
+    def embed(self, x):
         maps = self.feature_maps(x)
+        return {k: maps[k] for k in ("fc7", "pool4", "pool3")}
+
+    def embed_layout(self):
+        return [("fc7", 4096, 32), ("pool4", 512, 16), ("pool3", 256, 8)]
+
+    def classify(self, maps, size):
         s = self.score_fr(maps["fc7"])
         s = _up(s, maps["pool4"]) + self.score_pool4(maps["pool4"])
         s = _up(s, maps["pool3"]) + self.score_pool3(maps["pool3"])
-        return F.interpolate(s, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return F.interpolate(s, size=tuple(size), mode="bilinear", align_corners=False)
+
+    def forward(self, x):
+        return self.classify(self.feature_maps(x), x.shape[-2:])
 
     def from_backbone_state(self, state):
         # torchvision's vgg16 names: features.N -> backbone.N; classifier.0/3 (fc6/fc7 as
@@ -591,6 +618,9 @@ class DeepLabV2Small(SegmentationNet):
 
     def features(self, x):
         return self.backbone(self.input(x))
+
+    def embed_layout(self):
+        return [("features", self.classifier.branches[0].in_channels, self.output_stride)]
 
     def forward(self, x):
         return self.classifier(self.features(x))
