@@ -21,12 +21,7 @@ PER_CLASS = {"back_pack": 2, "mug": 2, "trash_can": 1}  # images in these; the o
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "i2i" / "office31.toml"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from test_i2i import _one_thread  # noqa: F401  (autouse: one torch thread per test)
 
 
 def jpeg(seed: int, size: int = 24) -> bytes:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from test_segmentation_run import KILL_AT_STEP_5 as SEG_KILL_AT_STEP_5
 from uda_cli.cli.app import main
 from uda_cli.engine import checkpoint as ckpt
 from uda_cli.engine import rounds as R
@@ -190,20 +191,10 @@ def test_the_target_labels_never_reach_the_method(straight, relabelled, tmp_path
 
 # `uda train` on the tiny domains that SIGKILLs itself right after step 5 (its checkpoint is step 4's).
 KILL_AT_STEP_5 = f"""
-import os, signal, sys
+import sys
 sys.path.insert(0, {str(TESTS)!r})
 import conftest  # registers tiny-src and tiny-tgt
-from uda_cli.engine import trainer
-real = trainer.train
-def killed(opts, callbacks=(), **kw):
-    def kill(step):
-        if step == 5:
-            os.kill(os.getpid(), signal.SIGKILL)
-    return real(opts, callbacks=(*callbacks, kill), **kw)
-trainer.train = killed
-from uda_cli.cli.app import main
-main(sys.argv[1:])
-"""
+""" + SEG_KILL_AT_STEP_5
 
 
 def test_killed_inside_a_round_resumes_to_the_straight_run(straight, tmp_path, capsys):

@@ -93,7 +93,7 @@ from torch import nn
 from uda_cli.errors import ConfigError
 from uda_cli.methods.base import Method, MethodConfig, OptimSpec
 from uda_cli.methods.registry import register_method
-from uda_cli.methods.source_only import NEW_LAYER_LR_MULT, OFFICE_RECIPE, build_photo_nets
+from uda_cli.methods.source_only import NEW_LAYER_LR_MULT, OFFICE_RECIPE, build_photo_nets, photo_pretrained_field
 from uda_cli.models.classifiers import LeNetEncoder, classification_backbone, digit_model_name, photo_run
 from uda_cli.models.discriminators import DomainClassifier, DropoutDomainClassifier
 from uda_cli.models.registry import build_model
@@ -136,9 +136,7 @@ class DANN(Method):
             "auto", description="auto: ResNet-50 on Office-31, the DANN SVHN network when SVHN is involved, "
                                 "else LeNet"
         )
-        pretrained: str = Field("auto", description="ResNet-50 (Office-31) initialisation: imagenet, none, or a "
-                                                    ".safetensors file; auto: imagenet. Digit networks start "
-                                                    "from scratch")
+        pretrained: str = photo_pretrained_field()
         steps: int = Field(10_000, gt=0)
         batch_size: int = Field(64, gt=0, description="per domain: the paper's 128-image batch is half source, half target")
         optimizer: Literal["adam", "sgd"] = "sgd"

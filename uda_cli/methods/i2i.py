@@ -108,6 +108,7 @@ from uda_cli.data.augment import random_affine
 from uda_cli.errors import ConfigError
 from uda_cli.methods.base import Method, MethodConfig, OptimSpec
 from uda_cli.methods.registry import register_method
+from uda_cli.methods.source_only import photo_pretrained_field
 from uda_cli.models.classifiers import digit_model_name, photo_run
 from uda_cli.models.discriminators import (
     FeatureDiscriminator,
@@ -196,9 +197,7 @@ class I2I(Method):
             "auto", description="encoder f and classifier h: auto is ResNet-50 on Office-31, the paper's LeNet "
             "for grey digit runs and uda_cli.models.classifiers.digit_model_name's auto rule for colour ones"
         )
-        pretrained: str = Field("auto", description="ResNet-50 (Office-31) initialisation: imagenet, none, or a "
-                                                    ".safetensors file; auto: imagenet. Digit networks start "
-                                                    "from scratch")
+        pretrained: str = photo_pretrained_field()
         tr_form: Literal["non_saturating", "minimax"] = Field(
             "non_saturating", description="the decoders' side of L_tr: -log Q(fake) (non_saturating) or the "
             "paper's log(1 - Q(fake)) (minimax)")

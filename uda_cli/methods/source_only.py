@@ -165,6 +165,12 @@ OFFICE_RECIPE = {"optimizer": "sgd", "lr": 1e-3, "momentum": 0.9, "weight_decay"
 NEW_LAYER_LR_MULT = 10.0  # the bottleneck, classifier and domain classifier: 10x the ResNet's lr
 
 
+def photo_pretrained_field():
+    """The ``pretrained`` field of the classification methods that train the Office-31 ResNet-50."""
+    return Field("auto", description="ResNet-50 (Office-31) initialisation: imagenet, none, or a .safetensors file; "
+                                     "auto: imagenet. Digit networks start from scratch")
+
+
 def build_photo_nets(cfg, spec) -> dict:
     """An Office-31 run's F (ImageNet ResNet-50 up to pooling, ``cfg.pretrained``: auto/imagenet,
     none or a .safetensors file) and C (256-d bottleneck, then linear), as two networks (F.*, C.*)."""
