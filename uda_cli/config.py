@@ -287,12 +287,24 @@ class AdaptImagesOptions(Options):
     samples_per_image: int = Field(default=1, gt=0, description="translations per source image (methods with a noise input)")
     limit: int | None = Field(default=None, gt=0, description="translate only the first N images of the split")
     seed: int = Field(default=0, ge=0, description="seeds the noise: sample k of image i is the same on every call")
-    batch_size: int = Field(default=256, gt=0)
+    batch_size: int | None = Field(default=None, gt=0, description="images per batch (default: 256 for "
+                                   "classification; segmentation: about a megapixel at the export size)")
+    # Segmentation runs only (a classification run refuses them in one line).
+    size: str | None = Field(default=None, description="WxH the scenes are translated and written at (default: "
+                                                       "the size the run read that domain at)")
+    workers: int | None = Field(default=None, ge=0, description="data loader workers (default: up to 4)")
     data_root: Path | None = None
     device: str = "auto"
 
     _device = field_validator("device")(_check_device)
     _target = field_validator("target")(_existing_target)
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_size(v)
+        return v
 
     @field_validator("domain")
     @classmethod
