@@ -162,26 +162,30 @@ def train(opts: TrainOptions, callbacks: tuple[Callable[[int], None], ...] = (),
         seed_everything(distributed.rank_seed(opts.seed, dist.rank))
     specs, optims, scheds, params = build_optimizers(method, total)
 
-    def update(name: str, loss: torch.Tensor) -> None:
-        if name not in optims:
-            raise KeyError(f"{method.name}: no optimizer group {name!r} (groups: {', '.join(optims)})")
-        opt = optims[name]
-        opt.zero_grad(set_to_none=True)
+    def update(name: str | tuple[str, ...], loss: torch.Tensor) -> None:
+        names = (name,) if isinstance(name, str) else tuple(name)
+        for n in names:
+            if n not in optims:
+                raise KeyError(f"{method.name}: no optimizer group {n!r} (groups: {', '.join(optims)})")
+        for n in names:
+            optims[n].zero_grad(set_to_none=True)
         # Backward outside autocast, as PyTorch recommends; the forward ran under it. Only
-        # towards this group's parameters: autograd then skips the weight gradients of every
+        # towards these groups' parameters: autograd then skips the weight gradients of every
         # other network the loss passes through (D in a G step), which are never used. That
-        # is a third of a GAN step's convolution backward; the gradients reaching the group
-        # are the same.
-        trainable = [p for p in params[name] if p.requires_grad]
+        # is a third of a GAN step's convolution backward; the gradients reaching the groups
+        # are the same. Several groups (one loss, optimizers of their own: i2i's segmentation
+        # network and its decoders) share the one backward.
+        trainable = [p for n in names for p in params[n] if p.requires_grad]
         with torch.autocast(device.type, enabled=False):
             torch.autograd.backward(loss, inputs=trainable or None)
-        # Average this group's gradients over the ranks: the mean over the global batch. Only
-        # this group's: the gradients a backward leaves on other groups (a GAN's G step
-        # reaching D) are discarded by their own update's zero_grad, reduced or not.
-        dist.all_reduce_grads(params[name])
-        if specs[name].grad_clip:
-            torch.nn.utils.clip_grad_norm_(params[name], specs[name].grad_clip)
-        opt.step()
+        # Average these groups' gradients over the ranks: the mean over the global batch. Only
+        # these: the gradients a backward leaves on other groups (a GAN's G step reaching D)
+        # are discarded by their own update's zero_grad, reduced or not.
+        for n in names:
+            dist.all_reduce_grads(params[n])
+            if specs[n].grad_clip:
+                torch.nn.utils.clip_grad_norm_(params[n], specs[n].grad_clip)
+            optims[n].step()
 
     method._update = update
 

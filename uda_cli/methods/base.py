@@ -244,8 +244,9 @@ class Method:
                                   f"does not write; pass a checkpoint of a {self.name} run")
 
     # ---- given by the engine -----------------------------------------------------------
-    def update(self, name: str, loss: "torch.Tensor") -> None:
-        """Backpropagate ``loss`` and step optimizer group ``name`` (the engine's)."""
+    def update(self, name: "str | tuple[str, ...]", loss: "torch.Tensor") -> None:
+        """Backpropagate ``loss`` and step optimizer group ``name`` (the engine's); a tuple of
+        names steps each of those groups after one shared backward."""
         if self._update is None:
             raise RuntimeError("update() is only available inside the training loop")
         self._update(name, loss)

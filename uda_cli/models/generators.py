@@ -259,6 +259,10 @@ class LSDGenerator(nn.Module):
     ``out_channels`` and tanh: the loaders' [-1, 1] range. Each stage's output is resized
     (bilinear) to the skip map's size, and the last one to ``size``, so any input size works.
 
+    ``out_channels=None`` leaves the last conv and tanh out: ``forward`` then returns the
+    last stage's ``[B, out_width, H, W]`` map, a decoder trunk that domain heads
+    (:class:`ImageHead`) finish (I2I's shared first decoder layers).
+
     Departures from ``_netG``: tanh in [-1, 1] (the code: sigmoid in [0, 1], its unnormalised
     images); 4x4 stride-2 transposed convs everywhere (the code: a 7x7 stride-1 one on fc7, 3x3
     and 5x5 stride-2 ones and a final 8x8 one with padding 100, tuned to its padded FCN-8s);
@@ -266,7 +270,8 @@ class LSDGenerator(nn.Module):
     256/512/256/128/64.
     """
 
-    def __init__(self, layout, out_channels: int = 3, width: int = 64, blocks: int = 2, dropout: float = 0.5):
+    def __init__(self, layout, out_channels: int | None = 3, width: int = 64, blocks: int = 2,
+                 dropout: float = 0.5):
         super().__init__()
         layout = [(str(n), int(c), int(s)) for n, c, s in layout]
         strides = [s for _, _, s in layout]
@@ -295,7 +300,9 @@ class LSDGenerator(nn.Module):
         self.ups = nn.ModuleList(ups)
         self.fuse = nn.ModuleDict(fuses)
         self.stages = nn.ModuleList(stages)
-        self.out = nn.Sequential(nn.Conv2d(cin, out_channels, 3, 1, 1), nn.Tanh())
+        self.out_width = cin
+        self.out = nn.Identity() if out_channels is None else nn.Sequential(nn.Conv2d(cin, out_channels, 3, 1, 1),
+                                                                            nn.Tanh())
         init_normal(self)
 
     def forward(self, maps: dict[str, torch.Tensor], size) -> torch.Tensor:
@@ -310,3 +317,19 @@ class LSDGenerator(nn.Module):
                 h = self.fuse[str(i)](torch.cat([h, maps[self.skip_at[i]]], 1))
             h = self.stages[i](h)
         return self.out(h)
+
+
+class ImageHead(nn.Module):
+    """A domain's own last decoder layers after a shared :class:`LSDGenerator` trunk (built
+    with ``out_channels=None``): ``blocks`` residual blocks at full resolution, a 3x3 conv to
+    the image's channels and tanh ([-1, 1], the loaders' range). Ours: I2I's segmentation
+    decoders share "their first layers" (the paper's words) and this is where they part."""
+
+    def __init__(self, in_channels: int, out_channels: int = 3, blocks: int = 1, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.Sequential(*[LSDResBlock(in_channels, dropout=dropout) for _ in range(blocks)],
+                                 nn.Conv2d(in_channels, out_channels, 3, 1, 1), nn.Tanh())
+        init_normal(self)
+
+    def forward(self, h):
+        return self.net(h)
