@@ -452,7 +452,7 @@ def _dense_preview(out: Path, layout: SegmentationLayout, source, stems: list[st
     for i in range(m):
         image, _ = source.read(i)
         image, _ = resize_pair(image, None, size)
-        label = torch.from_numpy(np.ascontiguousarray(read_png_unchanged(out / layout.label(stems[i]))))
+        label = torch.from_numpy(np.array(read_png_unchanged(out / layout.label(stems[i]))))
         image, small = resize_pair(image, label, cell)
         translated, _ = resize_pair(read_image(out / layout.image(stems[i])), None, cell)
         top.append(overlay(image, small, palette))
