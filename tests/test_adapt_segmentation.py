@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -218,3 +219,34 @@ def test_non_translating_segmentation_run_and_size_on_classification(plain_seg_r
                             flag, value], capsys)
         _one_line(code, err, f"{flag} applies to segmentation runs")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# ---- street files: a palette, a label stored at another size -------------------------------------
+
+def test_street_export_keeps_the_palette_and_gta5_labels(tmp_path, capsys):
+    from test_segmentation_run import SIZE, _street
+    from uda_cli.data import labels as L
+
+    street = _street(tmp_path / "street")
+    run = tmp_path / "run"
+    with pytest.warns(UserWarning, match="labels differ in size"):
+        code, _, err = cli(["train", "--method", "lsd", "--src", "gta5", "--tgt", "cityscapes", "--data-root",
+                            str(street), "--set", "model=deeplabv2_small", "--set", "pretrained=none", "--set",
+                            "g_width=8", "--set", "d_width=8", *SIZE, "--batch-size", "1", "--steps", "1",
+                            "--eval-every", "0", "--out", str(run), *CPU], capsys)
+    assert code == 0, err
+    out = tmp_path / "exp"
+    with pytest.warns(UserWarning, match="labels differ in size"):
+        code, stdout, err = cli(["adapt-images", str(run), "--out", str(out), *CPU], capsys)
+    assert code == 0 and "on gta5:all at 96x48: wrote 5 scenes" in stdout and "--tgt cityscapes" in stdout, err
+    classes = json.loads((out / "classes.json").read_text())
+    assert classes["names"] == list(L.CITYSCAPES_CLASSES) and classes["ignore"] == [255]
+    assert [tuple(c) for c in classes["colors"]] == list(L.CITYSCAPES_PALETTE)
+    assert folder_domain(f"folder:{out}").palette == L.CITYSCAPES_PALETTE
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the same "labels differ in size" warning, checked above
+        source = load_dense("gta5", "all", street)
+    for i in range(len(source)):  # 00003's label is stored at half size: read at the image's, then resized
+        _, label = source.read(i)
+        want = F.interpolate(label[None, None].float(), size=(48, 96), mode="nearest")[0, 0].to(torch.uint8).numpy()
+        assert np.array_equal(np.array(Image.open(out / "labels" / f"{source.stem(i)}.png")), want)
