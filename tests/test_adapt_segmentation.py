@@ -136,6 +136,15 @@ def test_size_flag_resizes_images_and_labels_by_nearest(lsd_run, tmp_path, capsy
         f"error: {out} was exported at 40x24, not 48x48; pass --size 40x24 to finish it, or a new --out"], err
 
 
+def test_an_i2i_segmentation_run_exports_the_same_way(tmp_path, capsys):
+    run = tmp_path / "run"
+    _train(run, "i2i", "--src-size", "48x48")
+    out = tmp_path / "exp"
+    code, stdout, err = cli(["adapt-images", str(run), "--out", str(out), "--limit", "2", *CPU], capsys)
+    assert code == 0 and "i2i step 2 on mnist-scenes-mini:train at 48x48: wrote 2 scenes" in stdout, err
+    _check_against_source(run, out, 2, SRC_SIZE)
+
+
 # ---- resume ------------------------------------------------------------------------------------
 
 def test_resume_rewrites_only_what_is_missing(lsd_run, tmp_path, capsys):

@@ -13,7 +13,7 @@ from uda_cli.errors import UDAError
 
 
 def adapt_images(
-    target: Annotated[Path, typer.Argument(metavar="RUN_OR_CHECKPOINT", help="A run folder (its latest checkpoint) or a .safetensors checkpoint of a translating method (classification: i2i, pixelda, dtn; segmentation: lsd).")],
+    target: Annotated[Path, typer.Argument(metavar="RUN_OR_CHECKPOINT", help="A run folder (its latest checkpoint) or a .safetensors checkpoint of a translating method (classification: i2i, pixelda, dtn; segmentation: lsd, i2i).")],
     out: Annotated[Path, typer.Option("--out", help="Export folder; train on it with --src folder:OUT. Call again with the same arguments to finish an interrupted export.", show_default=False)],
     domain: Annotated[Optional[str], typer.Option("--domain", help="NAME[:split[START:STOP]] to translate [the run's source training split].", show_default=False)] = None,
     samples_per_image: Annotated[Optional[int], typer.Option("--samples-per-image", help="Translations per image, each with its own noise (methods with a noise input, e.g. pixelda) [1].", show_default=False)] = None,
@@ -27,7 +27,7 @@ def adapt_images(
 ) -> None:
     """Translate a source domain with a trained translator and write it as a folder dataset.
 
-    Classification runs: OUT/<class>/<index>.png. Segmentation runs (lsd): OUT/images/<stem>.png,
+    Classification runs: OUT/<class>/<index>.png. Segmentation runs (lsd, i2i): OUT/images/<stem>.png,
     the source's labels in OUT/labels/<stem>.png (resized by nearest) and OUT/classes.json, at the
     run's size for that domain or --size WxH. Both write manifest.json and preview.png; both
     train with --src folder:OUT.

@@ -4,7 +4,7 @@ The export is a folder that ``--src folder:DIR`` reads back (``uda_cli/data/fold
 
 - classification: ``DIR/<class name>/<index>.png`` (``<index>_<k>.png`` with
   ``--samples-per-image K > 1``), ``index`` being the image's position in the source split;
-- segmentation (LSD-seg's G(F(x)), and any method with ``translates_images`` whose
+- segmentation (LSD-seg's G(F(x)), i2i's g_y(f_x(x)): any method with ``translates_images`` whose
   ``translate(x, noise)`` returns an image of x's size): ``DIR/images/<stem>.png`` (the
   translation, RGB), ``DIR/labels/<stem>.png`` (the source scene's train ids carried over,
   one channel, 255 where ignored, resized by nearest to the export size) and
