@@ -8,6 +8,8 @@
     python benchmarks/segmentation_speed.py --parts loader --files 24 --workers 0,1,2,4 --keep /tmp/uda-seg-speed-files
     python benchmarks/segmentation_speed.py --parts round --device cuda --models deeplabv2_r101 --precision bf16 \
         --size 1280x720 --tgt-size 1024x512 --batch 2 --files 50 --steps 20 --workers 8
+    python benchmarks/segmentation_speed.py --parts method --methods lsd,i2i,source-only --device cuda --models auto \
+        --precision bf16 --size 1024x512 --tgt-size 1024x512 --batch 1 --files 10 --steps 20 --workers 4
 
 Training step (``--parts train``): each network of ``--models`` is built with ``pretrained="none"``
 (19 classes) and trained with SGD on its ``param_groups`` (lr 2.5e-4, 10x on the head, momentum
@@ -40,6 +42,20 @@ Timed inside the run: the round's preparation (the pass over the ``--files`` tar
 CRST's flip, the thresholds, the label selection and voting, the files written) as seconds and
 images/s, with its peak memory; and the retraining steps (median ms/step over the steps after the
 first, each synchronised; peak memory over them).
+
+One step of each method (``--parts method``; the command above gives the time and peak memory of one
+lsd and one i2i step at 1024x512, source-only's beside them): for each of ``--methods`` (default
+``lsd,i2i``; segmentation methods), on the same ``--files`` synthetic frames, ``uda train --method M
+--src gta5 --tgt cityscapes`` for ``--steps`` steps at ``--size``/``--tgt-size``, batch ``--batch``,
+the first of ``--precision``, from random weights (``pretrained=none``), with the method's own
+defaults for the pair and the first of ``--models`` as its network, or, with ``--models auto``
+(this part only), the method's own: lsd's FCN-8s VGG-16, i2i's and source-only's DeepLab-v2
+ResNet-101. Each ``train_step`` of the method's class is timed (synchronised before and after; the
+batch is loaded before it, outside the time): ms/step is the median of the steps after the first
+(the first, with its lazy set-up, is its own column), steps/s its inverse; peak memory is read
+after each step, reset just before the first (as the round's). "params M" counts the method's
+networks (F, its generators and discriminators), the sum and each network. lsd's and i2i's widths
+are their street defaults (the tiny ones belong to digit scenes) whatever the network.
 
 Loader (``--parts loader``): writes ``--files`` synthetic frames per dataset (photo-like: smooth
 colour fields, gradients and noise, so PNG compression is realistic at ~3.5 MB a frame) in the
@@ -83,6 +99,7 @@ import sys
 import tempfile
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -388,6 +405,56 @@ def write_files(root: Path, n: int, scale: float, seed: int = 0) -> dict:
     return want
 
 
+# ---- real runs: timing a method's steps --------------------------------------------------------
+
+
+def _link_val(root: Path) -> None:
+    """Cityscapes ``val`` -> ``train`` under ``root``: a run evaluates on val, here the same frames."""
+    for sub in ("leftImg8bit", "gtFine"):
+        val = root / "cityscapes" / sub / "val"
+        if not val.exists():
+            val.symlink_to("train", target_is_directory=True)
+
+
+@contextmanager
+def timed_train_step(cls, device, mem: PeakMemory):
+    """While inside, ``cls.train_step`` is timed: each call synchronised before and after (CUDA);
+    ``mem`` is reset just before the first call (on the CPU after ``malloc_trim``) and read after
+    each. Yields a dict filled as the run goes: ``ms`` (one per call), ``peak`` (bytes, the highest
+    reading), ``cfg`` (the method's config) and ``params`` (``{net: parameters}`` of its networks,
+    ``total`` counting a shared parameter once), both taken at the first call. No reference to the
+    method is kept, so its networks are freed when the run ends."""
+    rec: dict = {"ms": [], "peak": 0, "cfg": None, "params": {}}
+    own = "train_step" in cls.__dict__
+    step_fn = cls.train_step
+
+    def timed_step(self, batch, step):
+        if rec["cfg"] is None:
+            rec["cfg"] = self.cfg
+            rec["params"] = {k: sum(p.numel() for p in net.parameters()) for k, net in self.nets.items()}
+            rec["params"]["total"] = sum(p.numel() for p in self.nets.parameters())
+            _sync(device)
+            if device.type != "cuda":
+                _malloc_trim()
+            mem.reset()
+        _sync(device)
+        t0 = time.perf_counter()
+        out = step_fn(self, batch, step)
+        _sync(device)
+        rec["ms"].append(1000 * (time.perf_counter() - t0))
+        rec["peak"] = max(rec["peak"], mem.peak())
+        return out
+
+    cls.train_step = timed_step
+    try:
+        yield rec
+    finally:
+        if own:
+            cls.train_step = step_fn
+        else:
+            del cls.train_step  # it was inherited
+
+
 # ---- one tpld round ------------------------------------------------------------------------------
 
 
@@ -395,21 +462,14 @@ def time_round(root: Path, model: str, device, precision: str, size, tgt_size, b
                workers: int, seed: int = 0) -> dict:
     """One tpld round on the files under ``root`` (see the module docstring): the pass and the
     retraining, each with its time and peak memory."""
-    import statistics
-
-    import torch
-
     from uda_cli.config import TrainOptions
     from uda_cli.engine.trainer import train
     from uda_cli.methods.cbst import CBST
     from uda_cli.methods.tpld import TPLD
 
-    for sub in ("leftImg8bit", "gtFine"):  # the run evaluates on val: the same frames
-        val = root / "cityscapes" / sub / "val"
-        if not val.exists():
-            val.symlink_to("train", target_is_directory=True)
-    mem, got, step_ms, step_peak = PeakMemory(device), {}, [], [0]
-    prepare, step_fn = CBST.prepare_round, TPLD.train_step
+    _link_val(root)
+    mem, got = PeakMemory(device), {}
+    prepare = CBST.prepare_round
 
     def timed_prepare(self, ctx):
         _sync(device)
@@ -420,18 +480,9 @@ def time_round(root: Path, model: str, device, precision: str, size, tgt_size, b
         got["pass_s"], got["pass_peak"], got["images"] = time.perf_counter() - t0, mem.peak(), len(ctx.target)
         mem.reset()
 
-    def timed_step(self, batch_, step):
-        _sync(device)
-        t0 = time.perf_counter()
-        out = step_fn(self, batch_, step)
-        _sync(device)
-        step_ms.append(1000 * (time.perf_counter() - t0))
-        step_peak[0] = max(step_peak[0], mem.peak())
-        return out
-
-    CBST.prepare_round, TPLD.train_step = timed_prepare, timed_step
+    CBST.prepare_round = timed_prepare
     try:
-        with tempfile.TemporaryDirectory(prefix="uda-seg-round-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="uda-seg-round-") as tmp, timed_train_step(TPLD, device, mem) as rec:
             opts = TrainOptions(method="tpld", src="gta5", tgt="cityscapes", data_root=root, out=Path(tmp) / "run",
                                 device=str(device), precision=precision, batch_size=batch, seed=seed,
                                 src_size=_wh(size), tgt_size=_wh(tgt_size), workers=workers, eval_every=0,
@@ -440,12 +491,12 @@ def time_round(root: Path, model: str, device, precision: str, size, tgt_size, b
                                         "phase2_rounds": 0, "round_steps": steps})
             train(opts, interactive=False)
     finally:
-        CBST.prepare_round, TPLD.train_step = prepare, step_fn
-    timed = step_ms[1:] or step_ms
+        CBST.prepare_round = prepare
+    timed = rec["ms"][1:] or rec["ms"]
     return {"model": model, "precision": precision, "size": _wh(size), "tgt_size": _wh(tgt_size), "batch": batch,
             "images": got["images"], "pass_s": got["pass_s"], "pass_img_s": got["images"] / got["pass_s"],
-            "pass_mib": got["pass_peak"] / 2**20, "step_ms": statistics.median(timed), "steps": len(timed),
-            "step_mib": step_peak[0] / 2**20, "memory": mem.method}
+            "pass_mib": got["pass_peak"] / MIB, "step_ms": statistics.median(timed), "steps": len(timed),
+            "step_mib": rec["peak"] / MIB, "memory": mem.method}
 
 
 def fmt_round(row: dict, device_line: str) -> str:
@@ -460,6 +511,58 @@ def fmt_round(row: dict, device_line: str) -> str:
         f"| retraining (phase-1 step: source CE + bootstrapped target + MRKLD) | {row['steps']} steps | "
         f"{row['step_ms']:.0f} ms/step (median) | {1000 / row['step_ms']:.2f} steps/s | {row['step_mib']:.0f} |",
     ])
+
+
+# ---- one step of each method --------------------------------------------------------------------
+
+
+def time_method(root: Path, method: str, model: str, device, precision: str, size, tgt_size, batch: int,
+                steps: int, workers: int, seed: int = 0) -> dict:
+    """``uda train --method METHOD --src gta5 --tgt cityscapes`` for ``steps`` steps on the files under
+    ``root`` with the method's defaults, ``model`` (``auto``: the method's own network) from random
+    weights; each step timed (see the module docstring)."""
+    import torch
+
+    from uda_cli.config import TrainOptions
+    from uda_cli.engine.trainer import train
+    from uda_cli.methods.registry import get_method
+    from uda_cli.methods.source_only import segmentation_net_name
+
+    _link_val(root)
+    mem = PeakMemory(device)
+    params = {"pretrained": "none"} if model == "auto" else {"model": model, "pretrained": "none"}
+    with tempfile.TemporaryDirectory(prefix="uda-seg-method-") as tmp, \
+            timed_train_step(get_method(method), device, mem) as rec:
+        opts = TrainOptions(method=method, src="gta5", tgt="cityscapes", data_root=root, out=Path(tmp) / "run",
+                            device=str(device), precision=precision, batch_size=batch, seed=seed, steps=steps,
+                            src_size=_wh(size), tgt_size=_wh(tgt_size), workers=workers, eval_every=0,
+                            save_every=10_000_000, log_every=max(steps, 1), params=params)
+        train(opts, interactive=False)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    cfg, timed = rec["cfg"], rec["ms"][1:] or rec["ms"]
+    net = getattr(cfg, "model", None)
+    return {"method": method, "network": segmentation_net_name(cfg) if net == "auto" else (net or "?"),
+            "precision": precision, "size": _wh(size), "tgt_size": _wh(tgt_size), "batch": batch,
+            "steps": len(timed), "step_ms": statistics.median(timed), "ms_min": min(timed), "ms_max": max(timed),
+            "first_ms": rec["ms"][0], "peak_mib": rec["peak"] / MIB, "params": rec["params"], "memory": mem.method}
+
+
+def fmt_method(rows: list[dict], device_line: str) -> str:
+    r0 = rows[0]
+    lines = [f"One training step of each method (uda train --src gta5 --tgt cityscapes, the method's defaults, "
+             f"pretrained=none), {r0['precision']}, source {r0['size']}, target {r0['tgt_size']}, batch {r0['batch']} + "
+             f"{r0['batch']}; {device_line}; ms/step: median (min-max) of the steps after the first; peak memory over "
+             f"all steps: {r0['memory']}; params: millions, per network (sum).", "",
+             "| method | network | steps | ms/step | first step ms | steps/s | peak MiB | params M |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        nets = " + ".join(f"{k} {v / 1e6:.2f}" for k, v in r["params"].items() if k != "total")
+        lines.append(f"| {r['method']} | {r['network']} | {r['steps']} | {r['step_ms']:.0f} ({r['ms_min']:.0f}-"
+                     f"{r['ms_max']:.0f}) | {r['first_ms']:.0f} | {1000 / r['step_ms']:.2f} | {r['peak_mib']:.0f} | "
+                     f"{r['params']['total'] / 1e6:.2f} ({nets}) |")
+    return "\n".join(lines)
 
 
 # ---- loader -----------------------------------------------------------------------------------
@@ -607,9 +710,12 @@ def fmt_loader(rows: list[dict], decode: list[dict], device_line: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="train,loader", help="train, loader and/or round (default: train,loader)")
+    ap.add_argument("--parts", default="train,loader",
+                    help="train, loader, round and/or method (default: train,loader)")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    ap.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
+    ap.add_argument("--models", default=",".join(MODELS),
+                    help=f"comma list of {', '.join(MODELS)}; --parts method alone also takes auto (each method's own)")
+    ap.add_argument("--methods", default="lsd,i2i", help="--parts method: comma list of methods (default: lsd,i2i)")
     ap.add_argument("--size", type=parse_size, default=(720, 1280), metavar="WxH", help="source size (1280x720)")
     ap.add_argument("--tgt-size", type=parse_size, default=(512, 1024), metavar="WxH", help="target size (1024x512)")
     ap.add_argument("--batch", type=int, default=1, help="images per domain per step (1: 1 source + 1 target)")
@@ -629,11 +735,31 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     parts = _list(args.parts)
-    if not parts or set(parts) - {"train", "loader", "round"}:
-        ap.error(f"--parts takes train, loader and/or round, not {args.parts!r}")
+    if not parts or set(parts) - {"train", "loader", "round", "method"}:
+        ap.error(f"--parts takes train, loader, round and/or method, not {args.parts!r}")
     models = _list(args.models)
-    if set(models) - set(MODELS):
-        ap.error(f"unknown model {sorted(set(models) - set(MODELS))[0]!r}; models: {', '.join(MODELS)}")
+    if not models:
+        ap.error("--models is empty")
+    if models == ["auto"]:
+        if set(parts) & {"train", "round"}:
+            ap.error("--models auto (each method's own network) is for --parts method only")
+    elif set(models) - set(MODELS):
+        ap.error(f"unknown model {sorted(set(models) - set(MODELS))[0]!r}; models: {', '.join(MODELS)}, "
+                 "or auto alone with --parts method")
+    methods = _list(args.methods)
+    if "method" in parts:
+        from uda_cli.errors import ConfigError
+        from uda_cli.methods.registry import get_method
+
+        if not methods:
+            ap.error("--methods is empty")
+        for m in methods:
+            try:
+                cls = get_method(m)
+            except ConfigError as e:
+                ap.error(str(e))
+            if "segmentation" not in cls.tasks:
+                ap.error(f"method {m!r} does not train segmentation networks")
     precisions = _list(args.precision)
     if not precisions or set(precisions) - {"fp32", "bf16"}:
         ap.error(f"--precision takes fp32 and/or bf16, not {args.precision!r}")
@@ -691,6 +817,24 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory(prefix="uda-seg-speed-") as tmp:
                 row = one(Path(tmp))
         print(fmt_round(row, machine_line(device)) + "\n", flush=True)
+    if "method" in parts:
+        def each(root: Path) -> list[dict]:
+            write_files(root, args.files, args.frame_scale, args.seed)
+            rows = []
+            for m in methods:
+                print(f"{m} ({models[0]}) ...", file=sys.stderr, flush=True)
+                rows.append(time_method(root, m, models[0], device, precisions[0], args.size, args.tgt_size,
+                                        args.batch, args.steps, workers[-1], args.seed))
+                print(f"  {rows[-1]['step_ms']:.0f} ms/step", file=sys.stderr, flush=True)
+            return rows
+
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            rows = each(args.keep)
+        else:
+            with tempfile.TemporaryDirectory(prefix="uda-seg-speed-") as tmp:
+                rows = each(Path(tmp))
+        print(fmt_method(rows, machine_line(device)) + "\n", flush=True)
     return 0
 
 

@@ -68,3 +68,37 @@ def test_tiny_tpld_round(tmp_path, capsys):
     assert pass_row[1] == "3 images" and float(pass_row[3].split()[0]) > 0 and float(pass_row[4]) > 0
     (step_row,) = [r for r in _rows(out, "retraining (phase-1 step: source CE + bootstrapped target + MRKLD)")]
     assert step_row[1] == "2 steps" and float(step_row[2].split()[0]) > 0
+
+
+def test_tiny_method_steps(tmp_path, capsys):
+    """--parts method: a real lsd and a real i2i run on tiny synthetic frames, each step timed."""
+    mod = _script()
+    assert mod.main(["--parts", "method", "--methods", "lsd,i2i", "--device", "cpu", "--models", "deeplabv2_small",
+                     "--size", "64x32", "--tgt-size", "64x32", "--steps", "2", "--files", "2", "--workers", "0",
+                     "--frame-scale", "0.05", "--keep", str(tmp_path / "files")]) == 0
+    out = capsys.readouterr().out
+    assert "| method | network | steps | ms/step | first step ms | steps/s | peak MiB | params M |" in out
+    assert "fp32, source 64x32, target 64x32, batch 1 + 1" in out
+    rows = _rows(out, "lsd") + _rows(out, "i2i")
+    assert [(r[0], r[1], r[2]) for r in rows] == [("lsd", "deeplabv2_small", "1"), ("i2i", "deeplabv2_small", "1")]
+    for r in rows:
+        assert float(r[3].split()[0]) > 0 and float(r[4]) > 0 and float(r[5]) > 0 and float(r[6]) > 0
+        assert float(r[7].split()[0]) > 0 and "F 0.35" in r[7]  # the total, then each network
+    assert "G " in rows[0][7] and "D " in rows[0][7] and "Q_tr_x " in rows[1][7]
+    # The train_step wrappers are gone: the classes have their own again.
+    from uda_cli.methods.i2i import I2I
+    from uda_cli.methods.lsd import LSD
+
+    assert LSD.train_step.__qualname__ == "LSD.train_step" and I2I.train_step.__qualname__ == "I2I.train_step"
+
+
+def test_models_auto_only_for_method(capsys):
+    mod = _script()
+    import pytest
+
+    with pytest.raises(SystemExit):
+        mod.main(["--parts", "train", "--models", "auto"])
+    assert "--parts method only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        mod.main(["--parts", "method", "--methods", "lsd,nope"])
+    assert "unknown method 'nope'" in capsys.readouterr().err
