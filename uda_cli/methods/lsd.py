@@ -59,8 +59,8 @@ Departures, each on purpose:
   measured on a shared machine's one thread, 0.2 it/s in a 20-step run; the full 1,500 steps
   take 1-2 hours). Not measured for accuracy.
 - Checkpoints keep G and D (the code saves F alone), so ``--resume`` continues the game.
-- ``translate(x)`` = G(F(x)) in [-1, 1], for a later segmentation export by ``uda
-  adapt-images`` (which writes classification exports only so far).
+- ``translate(x)`` = G(F(x)) in [-1, 1]: what ``uda adapt-images`` writes as a translated
+  segmentation folder (images/, labels/, classes.json).
 
 Logged losses (unweighted): "c/seg"; "d/domain" (D's four CE terms summed), "d/aux"; "g/adv",
 "g/rec", "g/aux"; "f/adv" (F's two crossed terms summed), "f/aux".
