@@ -55,7 +55,11 @@ batch is loaded before it, outside the time): ms/step is the median of the steps
 (the first, with its lazy set-up, is its own column), steps/s its inverse; peak memory is read
 after each step, reset just before the first (as the round's). "params M" counts the method's
 networks (F, its generators and discriminators), the sum and each network. lsd's and i2i's widths
-are their street defaults (the tiny ones belong to digit scenes) whatever the network.
+are their street defaults (the tiny ones belong to digit scenes) whatever the network. "run" says
+how the run ended: DeepLab-v2 ResNet-101 from random weights (its batch norm frozen at identity
+statistics) gives logits of ~1e4 and non-finite losses from the second step, in any method
+(source-only too); the trainer checks the losses when it logs, here after the last step, and its
+error goes in that column (and under the round's table) rather than losing the timed steps.
 
 Loader (``--parts loader``): writes ``--files`` synthetic frames per dataset (photo-like: smooth
 colour fields, gradients and noise, so PNG compression is realistic at ~3.5 MB a frame) in the
@@ -455,6 +459,25 @@ def timed_train_step(cls, device, mem: PeakMemory):
             del cls.train_step  # it was inherited
 
 
+def _train(opts, rec: dict, steps: int) -> str:
+    """``uda train`` with ``opts``: "" when the run ends well. A run that fails after its ``steps``
+    steps were timed gives its error's first clause (for the table) instead of losing the timings:
+    from random weights DeepLab-v2 ResNet-101, whose batch norm is frozen at identity statistics,
+    gives logits of ~1e4 and non-finite losses from the second step (any method, source-only too),
+    which the trainer finds when it logs, here after the last step. A run that fails before raises."""
+    from uda_cli.engine.trainer import train
+    from uda_cli.errors import UDAError
+
+    try:
+        train(opts, interactive=False)
+    except UDAError as e:
+        if len(rec["ms"]) < steps:
+            raise
+        print(f"  the run failed after its {steps} timed steps: {e}", file=sys.stderr, flush=True)
+        return str(e).split(" (")[0]
+    return ""
+
+
 # ---- one tpld round ------------------------------------------------------------------------------
 
 
@@ -463,7 +486,6 @@ def time_round(root: Path, model: str, device, precision: str, size, tgt_size, b
     """One tpld round on the files under ``root`` (see the module docstring): the pass and the
     retraining, each with its time and peak memory."""
     from uda_cli.config import TrainOptions
-    from uda_cli.engine.trainer import train
     from uda_cli.methods.cbst import CBST
     from uda_cli.methods.tpld import TPLD
 
@@ -489,14 +511,14 @@ def time_round(root: Path, model: str, device, precision: str, size, tgt_size, b
                                 save_every=10_000_000, log_every=max(steps, 1),
                                 params={"model": model, "pretrained": "none", "warmup_steps": 0, "phase1_rounds": 1,
                                         "phase2_rounds": 0, "round_steps": steps})
-            train(opts, interactive=False)
+            note = _train(opts, rec, steps)
     finally:
         CBST.prepare_round = prepare
     timed = rec["ms"][1:] or rec["ms"]
     return {"model": model, "precision": precision, "size": _wh(size), "tgt_size": _wh(tgt_size), "batch": batch,
             "images": got["images"], "pass_s": got["pass_s"], "pass_img_s": got["images"] / got["pass_s"],
             "pass_mib": got["pass_peak"] / MIB, "step_ms": statistics.median(timed), "steps": len(timed),
-            "step_mib": rec["peak"] / MIB, "memory": mem.method}
+            "step_mib": rec["peak"] / MIB, "memory": mem.method, "note": note}
 
 
 def fmt_round(row: dict, device_line: str) -> str:
@@ -510,7 +532,7 @@ def fmt_round(row: dict, device_line: str) -> str:
         f"{row['pass_s']:.1f} s | {row['pass_img_s']:.2f} images/s | {row['pass_mib']:.0f} |",
         f"| retraining (phase-1 step: source CE + bootstrapped target + MRKLD) | {row['steps']} steps | "
         f"{row['step_ms']:.0f} ms/step (median) | {1000 / row['step_ms']:.2f} steps/s | {row['step_mib']:.0f} |",
-    ])
+    ] + ([f"\nThe run failed after the timed steps: {row['note']}."] if row.get("note") else []))
 
 
 # ---- one step of each method --------------------------------------------------------------------
@@ -524,7 +546,6 @@ def time_method(root: Path, method: str, model: str, device, precision: str, siz
     import torch
 
     from uda_cli.config import TrainOptions
-    from uda_cli.engine.trainer import train
     from uda_cli.methods.registry import get_method
     from uda_cli.methods.source_only import segmentation_net_name
 
@@ -537,7 +558,7 @@ def time_method(root: Path, method: str, model: str, device, precision: str, siz
                             device=str(device), precision=precision, batch_size=batch, seed=seed, steps=steps,
                             src_size=_wh(size), tgt_size=_wh(tgt_size), workers=workers, eval_every=0,
                             save_every=10_000_000, log_every=max(steps, 1), params=params)
-        train(opts, interactive=False)
+        note = _train(opts, rec, steps)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -546,7 +567,8 @@ def time_method(root: Path, method: str, model: str, device, precision: str, siz
     return {"method": method, "network": segmentation_net_name(cfg) if net == "auto" else (net or "?"),
             "precision": precision, "size": _wh(size), "tgt_size": _wh(tgt_size), "batch": batch,
             "steps": len(timed), "step_ms": statistics.median(timed), "ms_min": min(timed), "ms_max": max(timed),
-            "first_ms": rec["ms"][0], "peak_mib": rec["peak"] / MIB, "params": rec["params"], "memory": mem.method}
+            "first_ms": rec["ms"][0], "peak_mib": rec["peak"] / MIB, "params": rec["params"], "memory": mem.method,
+            "note": note}
 
 
 def fmt_method(rows: list[dict], device_line: str) -> str:
@@ -554,14 +576,15 @@ def fmt_method(rows: list[dict], device_line: str) -> str:
     lines = [f"One training step of each method (uda train --src gta5 --tgt cityscapes, the method's defaults, "
              f"pretrained=none), {r0['precision']}, source {r0['size']}, target {r0['tgt_size']}, batch {r0['batch']} + "
              f"{r0['batch']}; {device_line}; ms/step: median (min-max) of the steps after the first; peak memory over "
-             f"all steps: {r0['memory']}; params: millions, per network (sum).", "",
-             "| method | network | steps | ms/step | first step ms | steps/s | peak MiB | params M |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"all steps: {r0['memory']}; params: millions, per network (sum); run: how it ended after the timed steps "
+             f"(random weights can make losses non-finite; the steps were timed all the same).", "",
+             "| method | network | steps | ms/step | first step ms | steps/s | peak MiB | params M | run |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         nets = " + ".join(f"{k} {v / 1e6:.2f}" for k, v in r["params"].items() if k != "total")
         lines.append(f"| {r['method']} | {r['network']} | {r['steps']} | {r['step_ms']:.0f} ({r['ms_min']:.0f}-"
                      f"{r['ms_max']:.0f}) | {r['first_ms']:.0f} | {1000 / r['step_ms']:.2f} | {r['peak_mib']:.0f} | "
-                     f"{r['params']['total'] / 1e6:.2f} ({nets}) |")
+                     f"{r['params']['total'] / 1e6:.2f} ({nets}) | {r['note'] or 'ok'} |")
     return "\n".join(lines)
 
 

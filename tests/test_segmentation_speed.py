@@ -77,7 +77,7 @@ def test_tiny_method_steps(tmp_path, capsys):
                      "--size", "64x32", "--tgt-size", "64x32", "--steps", "2", "--files", "2", "--workers", "0",
                      "--frame-scale", "0.05", "--keep", str(tmp_path / "files")]) == 0
     out = capsys.readouterr().out
-    assert "| method | network | steps | ms/step | first step ms | steps/s | peak MiB | params M |" in out
+    assert "| method | network | steps | ms/step | first step ms | steps/s | peak MiB | params M | run |" in out
     assert "fp32, source 64x32, target 64x32, batch 1 + 1" in out
     rows = _rows(out, "lsd") + _rows(out, "i2i")
     assert [(r[0], r[1], r[2]) for r in rows] == [("lsd", "deeplabv2_small", "1"), ("i2i", "deeplabv2_small", "1")]
@@ -85,6 +85,7 @@ def test_tiny_method_steps(tmp_path, capsys):
         assert float(r[3].split()[0]) > 0 and float(r[4]) > 0 and float(r[5]) > 0 and float(r[6]) > 0
         assert float(r[7].split()[0]) > 0 and "F 0.35" in r[7]  # the total, then each network
     assert "G " in rows[0][7] and "D " in rows[0][7] and "Q_tr_x " in rows[1][7]
+    assert [r[8] for r in rows] == ["ok", "ok"]
     # The train_step wrappers are gone: the classes have their own again.
     from uda_cli.methods.i2i import I2I
     from uda_cli.methods.lsd import LSD
@@ -102,3 +103,22 @@ def test_models_auto_only_for_method(capsys):
     with pytest.raises(SystemExit):
         mod.main(["--parts", "method", "--methods", "lsd,nope"])
     assert "unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_a_run_failing_after_its_timed_steps_keeps_them(monkeypatch):
+    """Random-weight ResNet-101 runs end in a non-finite-loss error after the last (timed) step:
+    the error becomes the row's note; a run failing before its steps are timed still raises."""
+    import pytest
+
+    import uda_cli.engine.trainer as trainer
+    from uda_cli.errors import UDAError
+
+    mod = _script()
+
+    def fails(opts, interactive):
+        raise UDAError("loss d/tr is not finite at step 2 (no checkpoint was written); lower the learning rate")
+
+    monkeypatch.setattr(trainer, "train", fails)
+    assert mod._train(None, {"ms": [1.0, 2.0]}, 2) == "loss d/tr is not finite at step 2"
+    with pytest.raises(UDAError):
+        mod._train(None, {"ms": [1.0]}, 2)
