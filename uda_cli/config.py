@@ -49,6 +49,13 @@ def _check_domain(v: str) -> str:
     return v
 
 
+def _check_size(v: str | None) -> str | None:
+    """A ``WxH`` option (``parse_size`` says what is wrong in one line)."""
+    if v is not None:
+        parse_size(v)
+    return v
+
+
 def _existing_target(v: Path) -> Path:
     if not v.exists():
         raise ValueError(f"{v} does not exist; pass a run folder (runs/NAME) or a .safetensors checkpoint")
@@ -98,12 +105,7 @@ class TrainOptions(Options):
             raise ValueError(f"{v} does not exist; pass a run folder (runs/NAME) or a .safetensors checkpoint")
         return v
 
-    @field_validator("src_size", "tgt_size", "crop")
-    @classmethod
-    def _size(cls, v: str | None) -> str | None:
-        if v is not None:
-            parse_size(v)
-        return v
+    _size = field_validator("src_size", "tgt_size", "crop")(_check_size)
 
     @field_validator("scale")
     @classmethod
@@ -191,12 +193,7 @@ class EvaluateOptions(Options):
 
     _device = field_validator("device")(_check_device)
 
-    @field_validator("size")
-    @classmethod
-    def _size(cls, v: str | None) -> str | None:
-        if v is not None:
-            parse_size(v)
-        return v
+    _size = field_validator("size")(_check_size)
 
     @field_validator("scales")
     @classmethod
@@ -299,12 +296,7 @@ class AdaptImagesOptions(Options):
     _device = field_validator("device")(_check_device)
     _target = field_validator("target")(_existing_target)
 
-    @field_validator("size")
-    @classmethod
-    def _size(cls, v: str | None) -> str | None:
-        if v is not None:
-            parse_size(v)
-        return v
+    _size = field_validator("size")(_check_size)
 
     @field_validator("domain")
     @classmethod

@@ -94,6 +94,20 @@ class ExportResult:
 
 # ---- layouts: where each translated image goes -----------------------------------------------
 
+def finished_pngs(folder: Path) -> set[str]:
+    """Names (without ``.png``) of the finished (non-empty) PNGs in ``folder``; temporary files
+    of an interrupted call (``.<name>.tmp-<pid>``) are deleted. A missing folder holds none."""
+    done: set[str] = set()
+    if not folder.is_dir():
+        return done
+    for e in os.scandir(folder):
+        if e.name.startswith(".") and ".tmp-" in e.name:
+            Path(e.path).unlink(missing_ok=True)
+        elif e.name.endswith(".png") and e.is_file() and e.stat().st_size > 0:
+            done.add(e.name[: -len(".png")])
+    return done
+
+
 class Layout:
     """Where translation k of source image i goes, and what is already there."""
 
@@ -131,17 +145,7 @@ class ClassificationLayout(Layout):
 
     def existing(self) -> set[str]:
         """Finished files (non-empty); temporary files of an interrupted call are deleted."""
-        done: set[str] = set()
-        for c in self.classes:
-            folder = self.root / c
-            if not folder.is_dir():
-                continue
-            for e in os.scandir(folder):
-                if e.name.startswith(".") and ".tmp-" in e.name:
-                    Path(e.path).unlink(missing_ok=True)
-                elif e.name.endswith(".png") and e.is_file() and e.stat().st_size > 0:
-                    done.add(f"{c}/{e.name}")
-        return done
+        return {f"{c}/{name}.png" for c in self.classes for name in finished_pngs(self.root / c)}
 
 
 class SegmentationLayout(Layout):
@@ -168,18 +172,7 @@ class SegmentationLayout(Layout):
     def existing_files(self) -> dict[str, set[str]]:
         """``{"images": stems, "labels": stems}`` of the finished (non-empty) files; temporary
         files of an interrupted call are deleted."""
-        done: dict[str, set[str]] = {}
-        for f in self.folders:
-            done[f] = set()
-            folder = self.root / f
-            if not folder.is_dir():
-                continue
-            for e in os.scandir(folder):
-                if e.name.startswith(".") and ".tmp-" in e.name:
-                    Path(e.path).unlink(missing_ok=True)
-                elif e.name.endswith(".png") and e.is_file() and e.stat().st_size > 0:
-                    done[f].add(e.name[: -len(".png")])
-        return done
+        return {f: finished_pngs(self.root / f) for f in self.folders}
 
     def existing(self) -> set[str]:
         """Stems whose image and label are both written."""
