@@ -55,9 +55,9 @@ Departures, each on purpose:
 - Digit scenes (``deeplabv2_small``): source-only's CPU recipe for F (Adam 1e-3, batch 16, 1,500
   steps, from scratch), G and D at the paper's 2e-4 (20x F's lr, the paper's ratio, would be
   2e-2, too high for a GAN's Adam), and thin G and D (G width 16, D width 32, one residual block
-  a stage: ``SMALL_NETS``) so a batch-16 step takes seconds on one CPU thread, not tens (3-5 s
-  measured on a shared machine's one thread, 0.2 it/s in a 20-step run; the full 1,500 steps
-  take 1-2 hours). Not measured for accuracy.
+  a stage: ``SMALL_NETS``) so a batch-16 step takes about a second on one CPU thread. Measured
+  there, below source-only: G does not learn to rebuild the image from a small from-scratch F's
+  maps (docs/methods/lsd.md).
 - Checkpoints keep G and D (the code saves F alone), so ``--resume`` continues the game.
 - ``translate(x)`` = G(F(x)) in [-1, 1]: what ``uda adapt-images`` writes as a translated
   segmentation folder (images/, labels/, classes.json).
