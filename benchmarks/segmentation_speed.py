@@ -817,15 +817,18 @@ def main(argv: list[str] | None = None) -> int:
                           flush=True)
                     rows.append(row)
         print(fmt_train(rows, machine_line(device), args.target_pass, args.warmup) + "\n", flush=True)
-    if "loader" in parts:
+    def in_files(fn):
+        """``fn(root)`` on the synthetic files' folder: ``--keep`` (made if missing), else a
+        temporary one removed afterwards."""
         if args.keep:
             args.keep.mkdir(parents=True, exist_ok=True)
-            rows, decode = run_loader(args.keep, args.files, workers, args.frame_scale, device, args.seed,
-                                           args.repeats)
-        else:
-            with tempfile.TemporaryDirectory(prefix="uda-seg-speed-") as tmp:
-                rows, decode = run_loader(Path(tmp), args.files, workers, args.frame_scale, device, args.seed,
-                                           args.repeats)
+            return fn(args.keep)
+        with tempfile.TemporaryDirectory(prefix="uda-seg-speed-") as tmp:
+            return fn(Path(tmp))
+
+    if "loader" in parts:
+        rows, decode = in_files(lambda root: run_loader(root, args.files, workers, args.frame_scale, device,
+                                                        args.seed, args.repeats))
         print(fmt_loader(rows, decode, machine_line(device)) + "\n", flush=True)
     if "round" in parts:
         def one(root: Path) -> dict:
@@ -833,13 +836,7 @@ def main(argv: list[str] | None = None) -> int:
             return time_round(root, models[0], device, precisions[0], args.size, args.tgt_size, args.batch,
                               args.steps, workers[-1], args.seed)
 
-        if args.keep:
-            args.keep.mkdir(parents=True, exist_ok=True)
-            row = one(args.keep)
-        else:
-            with tempfile.TemporaryDirectory(prefix="uda-seg-speed-") as tmp:
-                row = one(Path(tmp))
-        print(fmt_round(row, machine_line(device)) + "\n", flush=True)
+        print(fmt_round(in_files(one), machine_line(device)) + "\n", flush=True)
     if "method" in parts:
         def each(root: Path) -> list[dict]:
             write_files(root, args.files, args.frame_scale, args.seed)
@@ -851,13 +848,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {rows[-1]['step_ms']:.0f} ms/step", file=sys.stderr, flush=True)
             return rows
 
-        if args.keep:
-            args.keep.mkdir(parents=True, exist_ok=True)
-            rows = each(args.keep)
-        else:
-            with tempfile.TemporaryDirectory(prefix="uda-seg-speed-") as tmp:
-                rows = each(Path(tmp))
-        print(fmt_method(rows, machine_line(device)) + "\n", flush=True)
+        print(fmt_method(in_files(each), machine_line(device)) + "\n", flush=True)
     return 0
 
 

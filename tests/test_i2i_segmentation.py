@@ -9,21 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from test_segmentation_run import SIZE, _street, cli
+from test_i2i import _one_thread  # noqa: F401  (autouse: one torch thread per test)
+from test_lsd import street, train_translator_on_street  # noqa: F401  (street: the tiny street files fixture)
+from test_segmentation_run import SIZE, cli
 from uda_cli.engine import checkpoint as ckpt
-from uda_cli.engine.trainer import load_method
 from uda_cli.methods.base import RunSpec
 from uda_cli.methods.i2i import I2I, SEGMENTATION_DEFAULTS, gradient_penalty
 
 K = 11
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _spec():
@@ -221,32 +214,10 @@ def test_segmentation_refuses_classification_settings(setting, words):
 # ---- through the CLI ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def street(tmp_path_factory):
-    return _street(tmp_path_factory.mktemp("street"))
-
-
 def test_trains_on_street_files_and_round_trips_a_checkpoint(street, tmp_path, capsys):
-    run = tmp_path / "run"
-    args = ["train", "--method", "i2i", "--src", "gta5", "--tgt", "cityscapes", "--data-root", str(street),
-            "--set", "model=deeplabv2_small", "--set", "pretrained=none", "--set", "g_width=8", "--set", "d_width=8",
-            "--set", "g_blocks=1", *SIZE, "--crop", "64x32", "--batch-size", "1", "--steps", "3", "--device", "cpu",
-            "--eval-every", "0", "--workers", "0", "--log-format", "text", "--out", str(run)]
-    with pytest.warns(UserWarning, match="labels differ in size"):
-        code, out, err = cli(args, capsys)
-    assert code == 0, err
-    assert "target mIoU (cityscapes:val)" in out
-    w = ckpt.resolve_checkpoint(run)
-    m1, meta = load_method(w, torch.device("cpu"))
-    m2, _ = load_method(w, torch.device("cpu"))
+    m1, meta = train_translator_on_street("i2i", street, tmp_path / "run", capsys)
     assert meta["method"] == "i2i" and set(m1.nets) == {"F", "g", "g_x", "g_y", "Q_tr_x", "Q_tr_y"}
     assert m1.cfg.tr_form == "wgan_gp" and m1.cfg.lambda_tr == 0.04
-    x = torch.rand(1, 3, 48, 96) * 2 - 1
-    m1.eval(), m2.eval()
-    assert torch.equal(m1.predict(x), m2.predict(x)) and torch.equal(m1.translate(x), m2.translate(x))
-    code, out, err = cli(["evaluate", str(run), "--domain", "cityscapes:val", "--workers", "0", "--device", "cpu"],
-                         capsys)
-    assert code == 0 and "mIoU" in out, err
 
 
 def test_init_from_a_source_only_run_starts_f(street, tmp_path, capsys):

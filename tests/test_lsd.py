@@ -230,13 +230,17 @@ def street(tmp_path_factory):
     return _street(tmp_path_factory.mktemp("street"))
 
 
-def test_trains_on_street_files_and_round_trips_a_checkpoint(street, tmp_path, capsys):
-    run = tmp_path / "run"
-    args = ["train", "--method", "lsd", "--src", "gta5", "--tgt", "cityscapes", "--data-root", str(street),
-            "--set", "model=deeplabv2_small", "--set", "pretrained=none", "--set", "g_width=8", "--set", "d_width=8",
-            "--set", "g_blocks=1", "--set", "d_blocks=1", *SIZE, "--crop", "64x32", "--batch-size", "1",
-            "--steps", "3", "--device", "cpu", "--eval-every", "0", "--workers", "0", "--log-format", "text",
-            "--out", str(run)]
+THIN_STREET_NETS = ("model=deeplabv2_small", "pretrained=none", "g_width=8", "d_width=8", "g_blocks=1")
+
+
+def train_translator_on_street(method: str, street, run, capsys, *sets: str):
+    """``uda train --method METHOD`` 3 steps on the tiny street files with thin networks
+    (``THIN_STREET_NETS`` + ``sets``), then its checkpoint loaded twice: the same predictions and
+    translations from both, and ``uda evaluate`` on it. Returns the loaded method and metadata."""
+    args = ["train", "--method", method, "--src", "gta5", "--tgt", "cityscapes", "--data-root", str(street),
+            *[a for v in (*THIN_STREET_NETS, *sets) for a in ("--set", v)], *SIZE, "--crop", "64x32",
+            "--batch-size", "1", "--steps", "3", "--device", "cpu", "--eval-every", "0", "--workers", "0",
+            "--log-format", "text", "--out", str(run)]
     with pytest.warns(UserWarning, match="labels differ in size"):
         code, out, err = cli(args, capsys)
     assert code == 0, err
@@ -244,13 +248,19 @@ def test_trains_on_street_files_and_round_trips_a_checkpoint(street, tmp_path, c
     w = ckpt.resolve_checkpoint(run)
     m1, meta = load_method(w, torch.device("cpu"))
     m2, _ = load_method(w, torch.device("cpu"))
-    assert meta["method"] == "lsd" and set(m1.nets) == {"F", "G", "D"} and m1.cfg.model == "deeplabv2_small"
     x = torch.rand(1, 3, 48, 96) * 2 - 1
     m1.eval(), m2.eval()
     assert torch.equal(m1.predict(x), m2.predict(x)) and torch.equal(m1.translate(x), m2.translate(x))
     code, out, err = cli(["evaluate", str(run), "--domain", "cityscapes:val", "--workers", "0", "--device", "cpu"],
                          capsys)
     assert code == 0 and "mIoU" in out, err
+    return m1, meta
+
+
+def test_trains_on_street_files_and_round_trips_a_checkpoint(street, tmp_path, capsys):
+    run = tmp_path / "run"
+    m1, meta = train_translator_on_street("lsd", street, run, capsys, "d_blocks=1")
+    assert meta["method"] == "lsd" and set(m1.nets) == {"F", "G", "D"} and m1.cfg.model == "deeplabv2_small"
     # adapt-images exports the translated source (tests/test_adapt_segmentation.py checks the files)
     code, _, err = cli(["adapt-images", str(run), "--data-root", str(street), "--out", str(tmp_path / "x")], capsys)
     assert code == 0 and len(list((tmp_path / "x" / "images").glob("*.png"))) == 5, err
